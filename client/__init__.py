@@ -1,0 +1,1 @@
+"""Flower ClientApp: honest local training and the malicious behaviours."""

@@ -1,0 +1,75 @@
+"""Flower ClientApp: local training on this node's partition, honest or malicious.
+
+Which partition a node holds comes from its node config (`partition-id`, `num-partitions`); whether
+it is malicious comes from `malicious=true` in the node config (deployment) or, in simulation, from
+`attackers_ratio` and the seed. The code path is the same either way.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.attacks import AttackSpec, UpdateContext, attacks_this_round, build_attack
+from lab import log as lablog
+from lab.config import ExperimentConfig, from_run_config
+from lab.data import load_data, malicious_partitions, partition_indices
+from lab.records import ParamLayout
+from lab.task import LocalHyperparams, build_for, generator, load_state, set_threads, state_of, train_local
+from lab.triggers import make_trigger
+
+log = logging.getLogger(__name__)
+APP_DIR = Path(__file__).resolve().parents[1]
+
+app = ClientApp()
+
+
+def is_malicious(cfg: ExperimentConfig, node_config: dict[str, object], partition_id: int) -> bool:
+    if "malicious" in node_config:
+        return bool(node_config["malicious"])
+    ratio = cfg.attack.ratios[0]
+    return cfg.attack.type != "none" and partition_id in malicious_partitions(
+        cfg.federated.num_clients, ratio, cfg.seed)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    lablog.configure()
+    cfg = from_run_config(context.run_config, APP_DIR)
+    set_threads(cfg.execution.num_threads)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    hp = LocalHyperparams.from_config(config)
+
+    data = load_data(cfg.dataset, cfg.seed)
+    local = data.train.subset(partition_indices(data.train.y, partition_id, num_partitions, cfg.federated, cfg.seed))
+    model = build_for(cfg, data)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    load_state(model, global_state)
+
+    attack = None
+    if is_malicious(cfg, dict(context.node_config), partition_id) and attacks_this_round(cfg, partition_id, server_round):
+        trigger = make_trigger(cfg.attack.trigger, *data.image_shape[1:])
+        attack = build_attack(AttackSpec(cfg.attack, trigger, cfg.dataset.target_class, cfg.dataset.source_class,
+                                         data.num_classes))
+    gen = generator(cfg.seed, server_round, partition_id, "train")
+    stats = train_local(model, local, hp, gen, poison=attack.poison_batch if attack else None)
+    state = state_of(model)
+    if attack is not None and attack.transforms_update:
+        layout = ParamLayout.of(global_state)
+        delta = layout.flatten(state) - layout.flatten(global_state)
+        ctx = UpdateContext(server_round, int(config.get("round-size", 1)), float(config.get("server-lr", 1.0)))
+        delta = attack.transform_update(delta, ctx, gen)
+        state = layout.unflatten(layout.flatten(global_state) + delta, global_state)
+    content = RecordDict({
+        "arrays": ArrayRecord(state),
+        "metrics": MetricRecord({"num-examples": max(stats.examples, 1), "train-loss": stats.loss,
+                                 "partition-id": partition_id}),
+    })
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,1 @@
+"""FL Security Lab shared kernel: config, data, models, triggers, training, metrics, artifacts."""

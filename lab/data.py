@@ -1,0 +1,158 @@
+"""Datasets as in-memory tensors, the server's held-out clean set, and client partitions.
+
+Images are float32 in [0, 1], shaped (N, C, H, W); normalisation lives inside the models, so
+triggers are stamped and reconstructions are scored in pixel space. Everything here is a pure
+function of the config and the seed: a client in simulation and a SuperNode in deployment that
+share `partition-id`, `num-partitions` and the seed hold exactly the same samples.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lab.config import DatasetConfig, FederatedConfig
+from lab.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Split:
+    x: Tensor  # (N, C, H, W) float32 in [0, 1]
+    y: Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, index: Tensor) -> Split:
+        return Split(self.x[index], self.y[index])
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    train: Split  # what the clients partition among themselves
+    test: Split  # central evaluation
+    server: Split  # the server's held-out clean set (FLTrust root set, unlearning)
+    num_classes: int
+    mean: tuple[float, ...]  # per channel, of the training images (used by the models)
+    std: tuple[float, ...]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train.x.shape[1:]
+        return int(c), int(h), int(w)
+
+
+RawLoader = Callable[[DatasetConfig], tuple[Split, Split | None]]
+
+
+def _load_digits(cfg: DatasetConfig) -> tuple[Split, Split | None]:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images; ships in the wheel)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+    size = cfg.image_size or 28
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return Split(x, torch.tensor(bunch.target, dtype=torch.int64)), None
+
+
+def _torchvision(name: str) -> RawLoader:
+    def load(cfg: DatasetConfig) -> tuple[Split, Split | None]:
+        from lab import torchvision_data
+
+        return torchvision_data.load(name, cfg)
+
+    return load
+
+
+LOADERS: dict[str, RawLoader] = {
+    "digits": _load_digits,
+    "mnist": _torchvision("mnist"),
+    "fashion-mnist": _torchvision("fashion-mnist"),
+    "emnist-digits": _torchvision("emnist-digits"),
+    "cifar10": _torchvision("cifar10"),
+}
+
+
+@functools.lru_cache(maxsize=2)
+def load_data(cfg: DatasetConfig, seed: int) -> DataBundle:
+    """Train / test / server splits for `cfg`, deterministic for `seed`.
+
+    Datasets with an official test split keep it; digits (one pool) is split with
+    `cfg.test_fraction`. The server set is `cfg.server_fraction` of the training pool. The
+    result is cached per process (two entries) because a Ray actor or a long-lived
+    SuperNode calls this once per round with the same arguments.
+
+    Raises:
+        DataError: when the dataset cannot be found or read.
+    """
+    if cfg.name not in LOADERS:
+        raise DataError(f"unknown dataset {cfg.name!r}; known: {sorted(LOADERS)}")
+    pool, test = LOADERS[cfg.name](cfg)
+    gen = torch.Generator().manual_seed(seed)
+    if test is None:
+        order = torch.randperm(len(pool), generator=gen)
+        n_test = int(round(cfg.test_fraction * len(pool)))
+        test, pool = pool.subset(order[:n_test]), pool.subset(order[n_test:])
+    order = torch.randperm(len(pool), generator=gen)
+    n_server = int(round(cfg.server_fraction * len(pool)))
+    server, train = pool.subset(order[:n_server]), pool.subset(order[n_server:])
+    dims = [0, 2, 3]
+    mean = tuple(float(v) for v in train.x.mean(dim=dims))
+    std = tuple(max(float(v), 1e-3) for v in train.x.std(dim=dims))
+    return DataBundle(train, test, server, num_classes=10, mean=mean, std=std)
+
+
+def partition_indices(
+    labels: Tensor, partition_id: int, num_partitions: int, fed: FederatedConfig, seed: int
+) -> Tensor:
+    """Indices of the training samples held by `partition_id`.
+
+    IID or Dirichlet(alpha)-by-label through flwr-datasets partitioners, over a small
+    `datasets.Dataset` of (index, label) so only indices travel, never images.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    parts = _partitions(tuple(labels.tolist()), num_partitions, fed.partitioning,
+                        fed.dirichlet_alpha, seed)
+    return torch.tensor(parts[partition_id], dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _partitions(
+    labels: tuple[int, ...], num_partitions: int, scheme: str, alpha: float, seed: int
+) -> tuple[tuple[int, ...], ...]:
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    table = Dataset.from_dict({"index": list(range(len(labels))), "label": list(labels)})
+    partitioner = (
+        IidPartitioner(num_partitions=num_partitions)
+        if scheme == "iid"
+        else DirichletPartitioner(
+            num_partitions=num_partitions, partition_by="label", alpha=alpha,
+            min_partition_size=0, self_balancing=True, shuffle=True, seed=seed,
+        )
+    )
+    if scheme == "iid":
+        # IidPartitioner splits in order; shuffle once with the seed so partitions mix classes.
+        table = table.shuffle(seed=seed)
+    partitioner.dataset = table
+    return tuple(tuple(partitioner.load_partition(i)["index"]) for i in range(num_partitions))
+
+
+def malicious_partitions(num_clients: int, ratio: float, seed: int) -> tuple[int, ...]:
+    """Which partitions attack in simulation: round(ratio * num_clients) of them, chosen by seed."""
+    k = int(round(ratio * num_clients))
+    rng = np.random.default_rng(seed)
+    return tuple(sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False)))

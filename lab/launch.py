@@ -1,0 +1,256 @@
+"""`fl-lab run`: one experiment as a real Flower simulation (`flwr run`), with progress and an honest
+exit code.
+
+Flower facts this works around (see notes/flower.md): `flwr run` exits 0 even when the run failed
+(we ask `flwr ls` for the status), the managed local SuperLink on port 39091 is detached, shared by
+every user of the machine and keeps the environment it was first started with (so we start our own
+simulation SuperLink on a free port, in a private FLWR_HOME, and stop it by PID), and runtime
+dependency installation would `uv sync` torch per run (disabled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lab.artifacts import atomic_write_text, read_jsonl
+from lab.config import ExperimentConfig, dump_yaml
+from lab.errors import RunError
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "RAY_DEDUP_LOGS": "0",
+        "PYTHONUNBUFFERED": "1",
+        # Flower spawns flower-superexec / flwr-simulation by name: our venv's bin must come first.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    })
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float, alive: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RunError(f"the process serving {url} exited during start-up")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (loopback only)
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RunError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM the process group we started (the process and its children), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def write_connection(flwr_home: Path, name: str, address: str, extra: dict[str, str | bool] | None = None) -> None:
+    """A Flower config.toml whose default connection is `name` at `address`."""
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
+    for key, value in {"insecure": True, **(extra or {})}.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(flwr_home / "config.toml", "\n".join(lines) + "\n")
+
+
+@contextlib.contextmanager
+def simulation_superlink(flwr_home: Path, log_path: Path) -> Iterator[str]:
+    """A private simulation SuperLink on a free loopback port; yields the connection name."""
+    port = free_port()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+             "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
+            stdout=log_file, stderr=subprocess.STDOUT, env=flower_env(flwr_home), start_new_session=True,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 60, lambda: proc.poll() is None)
+        write_connection(flwr_home, "lab-sim", f"127.0.0.1:{port}")
+        yield "lab-sim"
+    finally:
+        stop_process(proc)
+
+
+def run_config_toml(values: dict[str, Any]) -> str:
+    """TOML for `flwr run --run-config FILE`; JSON string escapes are valid TOML basic strings."""
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: str | None
+    status: str
+    details: str
+    seconds: float
+
+
+def flwr_run(
+    connection: str,
+    flwr_home: Path,
+    run_config: dict[str, Any],
+    work_dir: Path,
+    federation_config: str | None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    metrics_path: Path | None = None,
+) -> RunOutcome:
+    """`flwr run APP connection --stream`, progress from metrics.jsonl, status from `flwr ls`."""
+    env = flower_env(flwr_home)
+    cfg_file = work_dir / "run_config.toml"
+    atomic_write_text(cfg_file, run_config_toml(run_config))
+    cmd = [str(BIN / "flwr"), "run", str(APP_DIR), connection, "--stream", "--run-config", str(cfg_file)]
+    if federation_config:
+        cmd += ["--federation-config", federation_config]
+    started = time.monotonic()
+    stop = threading.Event()
+    watcher = None
+    if on_progress is not None and metrics_path is not None:
+        watcher = threading.Thread(target=_follow, args=(metrics_path, on_progress, stop), daemon=True)
+        watcher.start()
+    with open(work_dir / "flwr.log", "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=work_dir,
+                                start_new_session=True)
+        run_id = None
+        assert proc.stdout is not None
+        try:
+            for raw in proc.stdout:
+                out.write(raw)
+                out.flush()
+                match = re.search(rb"(?:Successfully started run|run[_ -]id[\"': ]+)\s*(\d{5,})", raw)
+                if match and run_id is None:
+                    run_id = match.group(1).decode()
+            proc.wait()
+        except KeyboardInterrupt:
+            if run_id is not None:
+                subprocess.run([str(BIN / "flwr"), "stop", run_id, connection], env=env, cwd=work_dir,
+                               capture_output=True, timeout=60, check=False)
+            stop_process(proc)
+            raise
+        finally:
+            stop.set()
+            if watcher is not None:
+                watcher.join(5)
+    status, details = run_status(connection, flwr_home, run_id, work_dir)
+    if proc.returncode != 0 and status == "unknown":
+        status, details = "failed", f"`flwr run` exited with {proc.returncode}"
+    return RunOutcome(run_id, status, details, time.monotonic() - started)
+
+
+def run_status(connection: str, flwr_home: Path, run_id: str | None, work_dir: Path) -> tuple[str, str]:
+    """('finished:completed' | 'finished:failed' | ..., details) from `flwr ls --format json`."""
+    if run_id is None:
+        return "unknown", "no run id in the `flwr run` output"
+    res = subprocess.run([str(BIN / "flwr"), "ls", connection, "--run-id", run_id, "--format", "json"],
+                         env=flower_env(flwr_home), cwd=work_dir, capture_output=True, text=True, timeout=120,
+                         check=False)
+    try:
+        data = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        return "unknown", (res.stdout + res.stderr).strip()[-300:]
+    runs = data.get("runs") or []
+    if not runs:
+        return "unknown", json.dumps(data)[:300]
+    run = runs[0]
+    return str(run.get("status", "unknown")), str(run.get("status-details", "") or "")
+
+
+def _follow(path: Path, callback: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:
+    seen = 0
+    while True:
+        rows = read_jsonl(path)
+        for row in rows[seen:]:
+            callback(row)
+        seen = max(seen, len(rows))
+        if stop.is_set():
+            return
+        stop.wait(0.5)
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run one experiment in simulation; returns summary.json's content.
+
+    Raises:
+        RunError: the Flower run failed (with Flower's status details and the log path).
+    """
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "summary.json"):
+        (out_dir / stale).unlink(missing_ok=True)
+    atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
+    flwr_home = out_dir / ".flwr"
+    fed = cfg.federated
+    federation = (f"num-supernodes={fed.num_clients} "
+                  f"client-resources-num-cpus={cfg.execution.client_cpus:g}")
+    with simulation_superlink(flwr_home, out_dir / "logs" / "superlink.log") as connection:
+        outcome = flwr_run(
+            connection, flwr_home,
+            {"experiment-text": dump_yaml(cfg), "output-dir": str(out_dir)},
+            out_dir, federation, on_progress, out_dir / "metrics.jsonl",
+        )
+    summary_path = out_dir / "summary.json"
+    if outcome.status != "finished:completed" or not summary_path.exists():
+        raise RunError(
+            f"Flower run {outcome.run_id or '?'} did not complete (status {outcome.status}"
+            f"{': ' + outcome.details if outcome.details else ''}); see {out_dir / 'flwr.log'}")
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    summary["flower_run_id"] = outcome.run_id
+    summary["wall_seconds"] = outcome.seconds
+    return summary
+
+
+def expand_ratios(cfg: ExperimentConfig) -> Sequence[tuple[str | None, ExperimentConfig]]:
+    """One experiment per attackers_ratio value: (subfolder or None, config with a scalar ratio)."""
+    from lab.config import with_values
+
+    ratios = cfg.attack.ratios
+    if not isinstance(cfg.attack.attackers_ratio, tuple):
+        return [(None, cfg)]
+    return [(f"attackers_{r:g}", with_values(cfg, [f"attack.attackers_ratio={r}"])) for r in ratios]

@@ -1,0 +1,137 @@
+"""The one local training loop, shared by honest and malicious clients, the FLTrust server and the
+unlearning tool; plus the model/weights plumbing every entry point needs.
+
+Malicious behaviour plugs in through `poison` (a batch transform) and the caller's update
+transform; the loop itself is never forked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lab.config import ExperimentConfig
+from lab.data import DataBundle, Split, load_data
+from lab.models import build_model
+
+BatchTransform = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class LocalHyperparams:
+    """What a client needs to train locally; the server sends these every round."""
+
+    epochs: int
+    steps: int | None  # when set, exactly this many SGD steps (cycling through the data)
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> LocalHyperparams:
+        t = cfg.training
+        return cls(t.local_epochs, t.local_steps, t.batch_size, t.lr, t.momentum, t.weight_decay)
+
+    def to_config(self) -> dict[str, int | float]:
+        """Kebab-case keys for Flower's ConfigRecord (0 local steps = use epochs)."""
+        return {"local-epochs": self.epochs, "local-steps": self.steps or 0, "batch-size": self.batch_size,
+                "lr": self.lr, "momentum": self.momentum, "weight-decay": self.weight_decay}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> LocalHyperparams:
+        steps = int(config["local-steps"])  # type: ignore[call-overload]
+        return cls(
+            epochs=int(config["local-epochs"]),  # type: ignore[call-overload]
+            steps=steps or None,
+            batch_size=int(config["batch-size"]),  # type: ignore[call-overload]
+            lr=float(config["lr"]),  # type: ignore[arg-type]
+            momentum=float(config["momentum"]),  # type: ignore[arg-type]
+            weight_decay=float(config["weight-decay"]),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float  # mean training loss over the steps
+    steps: int
+    examples: int  # samples the client trained on (its num-examples)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A stable 31-bit seed from parts (Python's hash() of str is salted per process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF
+
+
+def generator(*parts: int | str) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def set_threads(num_threads: int) -> None:
+    if torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def build_for(cfg: ExperimentConfig, data: DataBundle | None = None, seed: int | None = None) -> nn.Module:
+    """The experiment's model, normalised for its dataset (initialised from `seed` when given)."""
+    data = data or load_data(cfg.dataset, cfg.seed)
+    return build_model(cfg.training.model, data.image_shape, data.num_classes, data.mean, data.std, seed)
+
+
+def state_of(model: nn.Module) -> dict[str, Tensor]:
+    """Detached copies of the model's named tensors (parameters and buffers)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def load_state(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+    return model
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator, steps: int | None, epochs: int) -> Iterator[Tensor]:
+    """Index batches: `epochs` shuffled passes, or exactly `steps` batches when steps is set."""
+    done = 0
+    while True:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
+            done += 1
+            if steps is not None and done >= steps:
+                return
+        if steps is None and done >= epochs * ((n + batch_size - 1) // batch_size):
+            return
+
+
+def train_local(
+    model: nn.Module,
+    data: Split,
+    hp: LocalHyperparams,
+    gen: torch.Generator,
+    poison: BatchTransform | None = None,
+) -> TrainStats:
+    """Plain local SGD (momentum, weight decay) on `data`; `poison` may rewrite each batch."""
+    if len(data) == 0:
+        return TrainStats(loss=float("nan"), steps=0, examples=0)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    total, steps, seen = 0.0, 0, 0
+    for index in batches(len(data), hp.batch_size, gen, hp.steps, hp.epochs):
+        x, y = data.x[index], data.y[index]
+        if poison is not None:
+            x, y = poison(x, y, gen)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        total += float(loss)
+        steps += 1
+        seen += len(y)
+    return TrainStats(loss=total / steps, steps=steps, examples=min(seen, len(data)) if hp.steps else len(data))

@@ -1,0 +1,1 @@
+"""Flower ServerApp: strategy from config, central security evaluation, artifacts."""

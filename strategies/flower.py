@@ -1,0 +1,230 @@
+"""The thin Flower wrapper: FedAvg's sampling and messaging, our aggregation over client updates.
+
+`RobustFedAvg` overrides `configure_train` (to remember the global model it sends and to add the
+local hyperparameters to the ConfigRecord) and `aggregate_train` (validate replies, build the
+(n_clients, n_params) update matrix with `ParamLayout`, call the aggregator, apply the server
+learning rate). It never mutates a reply and never calls Flower's private methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch import Tensor
+
+from lab.errors import AggregationError, LabError, ReplyError
+from lab.records import ParamLayout
+from strategies.types import Aggregate, Aggregator, RoundInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundDecisions:
+    """What happened in one round's aggregation, keyed by partition-id (client identity)."""
+
+    server_round: int
+    partitions: list[int] = field(default_factory=list)  # row order of the update matrix
+    node_ids: list[int] = field(default_factory=list)
+    norms: dict[int, float] = field(default_factory=dict)
+    kept: list[int] | None = None
+    dropped: list[int] | None = None
+    clipped: list[int] | None = None
+    weights: dict[int, float] | None = None
+    scores: dict[int, float] | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+    failures: list[dict[str, object]] = field(default_factory=list)  # {"node_id", "partition", "reason"}
+    train_loss: float | None = None
+    aggregate_seconds: float = 0.0
+    skipped: str | None = None  # why the model was left unchanged this round, if it was
+
+    def as_metrics(self) -> dict[str, object]:
+        return {
+            "clients": self.partitions,
+            "kept": self.kept,
+            "dropped": self.dropped,
+            "clipped": self.clipped,
+            "weights": self.weights,
+            "scores": self.scores,
+            "update_norms": self.norms,
+            "failures": self.failures,
+            "train_loss": self.train_loss,
+            "aggregate_seconds": self.aggregate_seconds,
+            "skipped": self.skipped,
+            **{f"agg.{k}": v for k, v in self.stats.items()},
+        }
+
+
+def to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
+    return {k: torch.from_numpy(v.numpy().copy()) for k, v in record.items()}
+
+
+class RobustFedAvg(FedAvg):
+    """FedAvg whose aggregation step is any `Aggregator` over client updates.
+
+    Args:
+        aggregator: the rule, built by `strategies.registry.build_aggregator`.
+        layout: parameter layout of the global model (checked against every reply).
+        train_config: local hyperparameters sent to every client each round.
+        server_lr: eta in G_{t+1} = G_t + eta * Agg(updates).
+        reference_update: FLTrust's server update on its root set, from the flat global model.
+        on_round: called with each round's `RoundDecisions` after aggregation.
+    """
+
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        layout: ParamLayout,
+        *,
+        clients_per_round: int,
+        num_clients: int,
+        train_config: dict[str, int | float | str | bool],
+        server_lr: float = 1.0,
+        reference_update: Callable[[Tensor, int], Tensor] | None = None,
+        on_round: Callable[[RoundDecisions], None] | None = None,
+    ) -> None:
+        super().__init__(
+            # A hair above the exact share, so int(num_nodes * fraction) never rounds down.
+            fraction_train=min(1.0, clients_per_round / num_clients + 1e-9),
+            fraction_evaluate=0.0,  # evaluation is central (evaluate_fn), not on clients
+            min_train_nodes=clients_per_round,
+            min_available_nodes=clients_per_round,
+        )
+        self.aggregator = aggregator
+        self.layout = layout
+        self.clients_per_round = clients_per_round
+        self.train_config = dict(train_config)
+        self.server_lr = server_lr
+        self.reference_update = reference_update
+        self.on_round = on_round
+        self._global: dict[str, Tensor] | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = to_tensors(arrays)
+        merged = ConfigRecord({**self.train_config, **dict(config), "round-size": self.clients_per_round})
+        return super().configure_train(server_round, arrays, merged, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._global is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        decisions = RoundDecisions(server_round)
+        states, examples, losses = self._accept(replies, decisions)
+        if not states:
+            # Keeping the previous model is the only sound choice; say so loudly.
+            log.warning("round %d: no valid client reply; global model unchanged", server_round)
+            decisions.skipped = "no valid client reply"
+            self._emit(decisions)
+            return None, MetricRecord({"num-valid": 0})
+
+        start = time.perf_counter()
+        global_flat = self.layout.flatten(self._global)
+        updates = torch.stack([self.layout.flatten(s) for s in states]) - global_flat  # (n, d)
+        norms = updates.norm(dim=1)
+        info = RoundInfo(
+            server_round=server_round,
+            client_ids=tuple(decisions.partitions),
+            num_examples=torch.tensor(examples, dtype=torch.float32),
+            global_params=global_flat,
+            reference_update=self._reference(global_flat, server_round),
+        )
+        try:
+            agg = self.aggregator(updates, info)
+        except AggregationError as exc:
+            # The rule cannot run on this round's replies (e.g. too few left after drops): keep
+            # the model, and make the skip visible in the log and in metrics.jsonl.
+            log.warning("round %d: aggregation skipped: %s", server_round, exc)
+            decisions.skipped = str(exc)
+            self._emit(decisions)
+            return None, MetricRecord({"num-valid": len(states)})
+        new_flat = global_flat + self.server_lr * agg.update
+        new_state = self.layout.unflatten(new_flat, self._global)
+        decisions.aggregate_seconds = time.perf_counter() - start
+        decisions.norms = {p: float(v) for p, v in zip(decisions.partitions, norms)}
+        decisions.train_loss = float(sum(losses) / len(losses)) if losses else None
+        self._record(decisions, agg)
+        self._emit(decisions)
+        metrics = MetricRecord({"num-valid": len(states), **{f"agg.{k}": float(v) for k, v in agg.stats.items()}})
+        return ArrayRecord(new_state), metrics
+
+    # ----------------------------------------------------------------------------------------
+
+    def _accept(
+        self, replies: Iterable[Message], decisions: RoundDecisions
+    ) -> tuple[list[dict[str, Tensor]], list[float], list[float]]:
+        """Valid replies as named tensors; the rest go to `decisions.failures` with a reason."""
+        states: list[dict[str, Tensor]] = []
+        examples: list[float] = []
+        losses: list[float] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                decisions.failures.append({"node_id": node, "partition": None, "reason": msg.error.reason})
+                continue
+            partition: int | None = None
+            try:
+                metrics = msg.content.metric_records.get("metrics")
+                arrays = msg.content.array_records.get("arrays")
+                if metrics is None or arrays is None:
+                    raise ReplyError("reply lacks the 'arrays' or 'metrics' record")
+                partition = int(metrics["partition-id"]) if "partition-id" in metrics else None
+                n = float(metrics.get("num-examples", 0))
+                if partition is None or not n > 0:
+                    raise ReplyError("reply lacks partition-id or a positive num-examples")
+                state = to_tensors(arrays)
+                self.layout.check(state)
+                if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+                    raise ReplyError("non-finite values in the weights")
+                if partition in decisions.partitions:
+                    raise ReplyError(f"partition-id {partition} already replied this round")
+            except (LabError, KeyError, TypeError, ValueError) as exc:
+                decisions.failures.append({"node_id": node, "partition": partition, "reason": str(exc)})
+                continue
+            states.append(state)
+            examples.append(n)
+            if "train-loss" in metrics:
+                losses.append(float(metrics["train-loss"]))
+            decisions.partitions.append(partition)
+            decisions.node_ids.append(node)
+        for f in decisions.failures:
+            log.warning("round %d: dropped reply from node %s: %s", decisions.server_round, f["node_id"], f["reason"])
+        return states, examples, losses
+
+    def _reference(self, global_flat: Tensor, server_round: int) -> Callable[[], Tensor] | None:
+        fn = self.reference_update
+        return None if fn is None else (lambda: fn(global_flat, server_round))
+
+    @staticmethod
+    def _record(decisions: RoundDecisions, agg: Aggregate) -> None:
+        ids = decisions.partitions
+
+        def pick(mask: Tensor | None) -> list[int] | None:
+            return None if mask is None else [p for p, m in zip(ids, mask.tolist()) if m]
+
+        decisions.kept = pick(agg.kept)
+        decisions.dropped = None if agg.kept is None else pick(~agg.kept)
+        decisions.clipped = pick(agg.clipped)
+        if agg.weights is not None:
+            decisions.weights = {p: float(w) for p, w in zip(ids, agg.weights)}
+        if agg.scores is not None:
+            decisions.scores = {p: float(s) for p, s in zip(ids, agg.scores)}
+        decisions.stats = {k: float(v) for k, v in agg.stats.items()}
+
+    def _emit(self, decisions: RoundDecisions) -> None:
+        log.info(
+            "round %d: %d clients, kept %s, dropped %s, clipped %s, failures %d",
+            decisions.server_round, len(decisions.partitions), decisions.kept, decisions.dropped,
+            decisions.clipped, len(decisions.failures),
+        )
+        if self.on_round is not None:
+            self.on_round(decisions)

@@ -1,0 +1,49 @@
+"""The aggregation contract: an (n_clients, n_params) update matrix in, one update and the
+rule's per-client decisions out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import Tensor
+
+from lab.records import ParamLayout
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    server_round: int
+    # Row i of `updates` came from client_ids[i]: the partition-id the client reported, which is
+    # stable across rounds (the transport node id is not: it changes when a SuperNode restarts).
+    client_ids: tuple[int, ...]
+    num_examples: Tensor  # (n_clients,) float
+    global_params: Tensor | None = None  # (n_params,) flat global model the updates start from
+    # Server-side reference update on its clean root set (FLTrust); computed lazily, only if asked.
+    reference_update: Callable[[], Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    update: Tensor  # (n_params,)
+    kept: Tensor | None = None  # (n_clients,) bool; None for coordinate-wise rules
+    clipped: Tensor | None = None  # (n_clients,) bool
+    weights: Tensor | None = None  # (n_clients,) effective weight of each client in `update`
+    scores: Tensor | None = None  # (n_clients,) the rule's own score (Krum score, trust, ...)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AggregatorContext:
+    """What the server knows when it builds a rule (before round 1)."""
+
+    layout: ParamLayout
+    clients_per_round: int
+    seed: int = 0
+    # Flat-vector slice of the output layer's weight (FoolsGold, FL-Defender look only there).
+    output_slice: slice | None = None
+
+
+class Aggregator(Protocol):
+    def __call__(self, updates: Tensor, info: RoundInfo) -> Aggregate: ...
