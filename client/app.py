@@ -69,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
         state = layout.unflatten(layout.flatten(global_state) + delta, global_state)
     content = RecordDict({
         "arrays": ArrayRecord(state),
-        "metrics": MetricRecord({"num-examples": max(stats.examples, 1), "train-loss": stats.loss,
+        "metrics": MetricRecord({"num-examples": stats.examples, "train-loss": stats.loss,
                                  "partition-id": partition_id}),
     })
     return Message(content=content, reply_to=msg)

@@ -412,7 +412,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if f.clients_per_round is not None:
         need(1 <= f.clients_per_round <= f.num_clients, "federated.clients_per_round",
              f"must be in [1, num_clients={f.num_clients}]")
-    need(f.dirichlet_alpha > 0, "federated.dirichlet_alpha", "must be > 0")
+    # Below ~0.01 flwr-datasets' self-balancing divides by zero and dumps whole classes on one client.
+    need(f.dirichlet_alpha >= 0.01, "federated.dirichlet_alpha", "must be >= 0.01")
     need(f.server_lr > 0, "federated.server_lr", "must be > 0")
 
     need(t.rounds >= 1, "training.rounds", "must be >= 1")

@@ -123,6 +123,8 @@ def partition_indices(
     """
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    if num_partitions > len(labels):
+        raise DataError(f"{num_partitions} partitions but only {len(labels)} training samples")
     parts = _partitions(tuple(labels.tolist()), num_partitions, fed.partitioning,
                         fed.dirichlet_alpha, seed)
     return torch.tensor(parts[partition_id], dtype=torch.int64)

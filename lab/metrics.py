@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lab.data import Split
+from lab.models import device_of
 from lab.triggers import Trigger
 
 
@@ -45,7 +46,8 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     """(N, num_classes) logits, in eval mode, batched."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    device = device_of(model)
+    out = torch.cat([model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
     model.train(was_training)
     return out
 

@@ -73,6 +73,11 @@ def resnet18(shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (CPU for a parameter-free module)."""
+    return next(iter(model.parameters()), torch.zeros(0)).device
+
+
 MODELS: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
     "cnn": small_cnn,
     "mlp": mlp,

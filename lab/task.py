@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lab.config import ExperimentConfig
 from lab.data import DataBundle, Split, load_data
-from lab.models import build_model
+from lab.models import build_model, device_of
 
 BatchTransform = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
 
@@ -80,15 +80,23 @@ def set_threads(num_threads: int) -> None:
         torch.set_num_threads(num_threads)
 
 
+def pick_device(name: str) -> torch.device:
+    """`execution.device`: "auto" takes CUDA when present."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def build_for(cfg: ExperimentConfig, data: DataBundle | None = None, seed: int | None = None) -> nn.Module:
-    """The experiment's model, normalised for its dataset (initialised from `seed` when given)."""
+    """The experiment's model on its device, normalised for its dataset (seeded init when given)."""
     data = data or load_data(cfg.dataset, cfg.seed)
-    return build_model(cfg.training.model, data.image_shape, data.num_classes, data.mean, data.std, seed)
+    model = build_model(cfg.training.model, data.image_shape, data.num_classes, data.mean, data.std, seed)
+    return model.to(pick_device(cfg.execution.device))
 
 
 def state_of(model: nn.Module) -> dict[str, Tensor]:
-    """Detached copies of the model's named tensors (parameters and buffers)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """Detached CPU copies of the model's named tensors (parameters and buffers)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def load_state(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
@@ -119,19 +127,21 @@ def train_local(
 ) -> TrainStats:
     """Plain local SGD (momentum, weight decay) on `data`; `poison` may rewrite each batch."""
     if len(data) == 0:
-        return TrainStats(loss=float("nan"), steps=0, examples=0)
+        return TrainStats(loss=0.0, steps=0, examples=0)
     model.train()
+    device = device_of(model)
     opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
     total, steps, seen = 0.0, 0, 0
     for index in batches(len(data), hp.batch_size, gen, hp.steps, hp.epochs):
         x, y = data.x[index], data.y[index]
         if poison is not None:
             x, y = poison(x, y, gen)
+        x, y = x.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        total += float(loss)
+        total += float(loss.detach())
         steps += 1
         seen += len(y)
     return TrainStats(loss=total / steps, steps=steps, examples=min(seen, len(data)) if hp.steps else len(data))

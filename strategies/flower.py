@@ -196,6 +196,11 @@ class RobustFedAvg(FedAvg):
                 losses.append(float(metrics["train-loss"]))
             decisions.partitions.append(partition)
             decisions.node_ids.append(node)
+        # Rows in partition order: arrival order is random, and float sums depend on row order.
+        order = sorted(range(len(states)), key=lambda i: decisions.partitions[i])
+        states, examples = [states[i] for i in order], [examples[i] for i in order]
+        decisions.partitions = [decisions.partitions[i] for i in order]
+        decisions.node_ids = [decisions.node_ids[i] for i in order]
         for f in decisions.failures:
             log.warning("round %d: dropped reply from node %s: %s", decisions.server_round, f["node_id"], f["reason"])
         return states, examples, losses
