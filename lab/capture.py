@@ -1,0 +1,187 @@
+"""Capture entries: what a curious server records about one client's update, on disk.
+
+One entry is one safetensors file. Tensors are named `global/<key>` (the weights the server sent),
+`update/<key>` (client weights minus global, same keys; integer buffers are zero) and, only when the
+threat model grants them, `labels`. The scalars live in the safetensors metadata, each value a
+JSON-encoded string. Writes are atomic (`lab.artifacts.save_tensors`), so a crash never leaves a
+half-written entry; a truncated or foreign file raises `CaptureError` naming the file.
+
+Semantics of an update (what the inversion's unrolled objective assumes): the client started from
+`global_state`, set its model to train mode and ran `steps` steps of `torch.optim.SGD(lr, momentum,
+weight_decay)` with mean cross-entropy on ONE fixed batch of `batch_size` images reused at every
+step (the curious server's probe, "K steps on a batch of B", as in breaching's FedAvg case). With
+`steps == 1` this is FedSGD: `update = -lr * (grad + weight_decay * W0)`.
+
+The evidence file (simulation only) holds the exact images in [0, 1] and labels the client used.
+The attack never reads it; only scoring does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from lab.artifacts import save_tensors
+from lab.errors import CaptureError
+from lab.task import LocalHyperparams
+
+FORMAT = "fl-lab-capture/1"
+EVIDENCE_FORMAT = "fl-lab-evidence/1"
+_SCALARS = ("num_examples", "server_round", "node_id", "partition_id")
+
+
+@dataclass(frozen=True)
+class CapturedUpdate:
+    """One client's update as the curious server saw it.
+
+    `global_state` and `update` map the model's state-dict keys to tensors of the same shapes;
+    `labels` is (B,) int64 or None when the threat model does not grant labels.
+    """
+
+    global_state: dict[str, Tensor]
+    update: dict[str, Tensor]
+    num_examples: int
+    server_round: int
+    node_id: int
+    partition_id: int
+    hyperparams: LocalHyperparams
+    labels: Tensor | None = None
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the client's inputs
+
+    @property
+    def local_steps(self) -> int:
+        """SGD steps the client took: `hyperparams.steps`, else epochs x batches per epoch."""
+        hp = self.hyperparams
+        if hp.steps is not None:
+            return int(hp.steps)
+        per_epoch = -(-max(self.num_examples, 1) // max(hp.batch_size, 1))
+        return int(hp.epochs * per_epoch)
+
+
+def write_entry(path: Path, entry: CapturedUpdate) -> None:
+    """Write `entry` atomically to `path` (one safetensors file)."""
+    if set(entry.global_state) != set(entry.update):
+        raise CaptureError(f"{path}: global and update keys differ")
+    tensors: dict[str, Tensor] = {f"global/{k}": v for k, v in entry.global_state.items()}
+    tensors.update({f"update/{k}": v for k, v in entry.update.items()})
+    if entry.labels is not None:
+        tensors["labels"] = entry.labels.to(torch.int64)
+    meta: dict[str, Any] = {k: getattr(entry, k) for k in _SCALARS}
+    meta["hyperparams"] = asdict(entry.hyperparams)
+    meta["keys"] = list(entry.global_state)  # keeps the model's key order through the round trip
+    meta["image_shape"] = list(entry.image_shape) if entry.image_shape is not None else None
+    metadata = {k: json.dumps(v) for k, v in meta.items()}
+    metadata["format"] = json.dumps(FORMAT)
+    save_tensors(Path(path), tensors, metadata)
+
+
+def read_entry(path: Path) -> CapturedUpdate:
+    """Read a capture entry.
+
+    Raises:
+        CaptureError: the file is missing, truncated/corrupt, or lacks tensors or metadata.
+    """
+    tensors, meta = _read(Path(path), "capture entry")
+    if meta.get("format") != FORMAT:
+        raise CaptureError(f"{path}: not a capture entry (format {meta.get('format')!r}, expected {FORMAT!r})")
+    missing = [k for k in (*_SCALARS, "hyperparams", "keys") if k not in meta]
+    if missing:
+        raise CaptureError(f"{path}: capture entry lacks metadata {missing}")
+    keys = list(meta["keys"])
+    absent = [k for k in keys if f"global/{k}" not in tensors or f"update/{k}" not in tensors]
+    if absent:
+        raise CaptureError(f"{path}: capture entry lacks tensors for {absent[:3]}")
+    try:
+        hp = LocalHyperparams(**meta["hyperparams"])
+        scalars = {k: int(meta[k]) for k in _SCALARS}
+        shape = meta.get("image_shape")
+        image_shape = (int(shape[0]), int(shape[1]), int(shape[2])) if shape is not None else None
+    except (TypeError, ValueError, IndexError) as exc:
+        raise CaptureError(f"{path}: bad capture metadata ({exc})") from None
+    return CapturedUpdate(
+        global_state={k: tensors[f"global/{k}"] for k in keys},
+        update={k: tensors[f"update/{k}"] for k in keys},
+        hyperparams=hp,
+        labels=tensors.get("labels"),
+        image_shape=image_shape,
+        **scalars,
+    )
+
+
+def write_evidence(path: Path, images: Tensor, labels: Tensor) -> None:
+    """Simulation-only ground truth: `images` (B, C, H, W) in [0, 1] and `labels` (B,)."""
+    if images.ndim != 4 or labels.shape != (images.shape[0],):
+        raise CaptureError(f"{path}: evidence wants images (B,C,H,W) and labels (B,), "
+                           f"got {tuple(images.shape)} and {tuple(labels.shape)}")
+    save_tensors(Path(path), {"images": images.float(), "labels": labels.to(torch.int64)},
+                 {"format": json.dumps(EVIDENCE_FORMAT)})
+
+
+def read_evidence(path: Path) -> tuple[Tensor, Tensor]:
+    """(images (B, C, H, W) float32 in [0, 1], labels (B,) int64) from an evidence file.
+
+    Raises:
+        CaptureError: the file is missing, corrupt or not an evidence file.
+    """
+    tensors, meta = _read(Path(path), "evidence file")
+    if meta.get("format") != EVIDENCE_FORMAT or "images" not in tensors or "labels" not in tensors:
+        raise CaptureError(f"{path}: not an evidence file")
+    return tensors["images"], tensors["labels"]
+
+
+def check_fits(entry: CapturedUpdate, model: nn.Module) -> None:
+    """Raise CaptureError unless the entry's keys and shapes are exactly the model's state dict."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = []
+    for name, state in (("global", entry.global_state), ("update", entry.update)):
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        if missing or extra:
+            problems.append(f"{name} keys differ from the model (missing {missing[:3]}, extra {extra[:3]})")
+            continue
+        problems += [f"{name}/{k}: shape {tuple(state[k].shape)} != model {shape}"
+                     for k, shape in expected.items() if tuple(state[k].shape) != shape]
+    if problems:
+        raise CaptureError("capture entry does not fit the model: " + "; ".join(problems[:4]))
+
+
+def _read(path: Path, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """All tensors and the JSON-decoded metadata of a safetensors file, or one CaptureError line."""
+    if not path.is_file():
+        raise CaptureError(f"{path}: no such {what}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw: Mapping[str, str] = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except Exception as exc:  # safetensors raises its own error types for torn headers and bodies
+        raise CaptureError(f"{path}: truncated or corrupt {what} ({type(exc).__name__}: {exc})") from None
+    return tensors, meta
+
+
+def probe_update(model: nn.Module, images: Tensor, labels: Tensor, hp: LocalHyperparams) -> dict[str, Tensor]:
+    """What a client answering the probe sends, as client - global: `hp.steps` (default 1) steps of
+    torch.optim.SGD on the one batch (`images` (B, C, H, W) in [0, 1], `labels` (B,)), train mode.
+
+    `model` is not modified. This is the semantics the inversion assumes; the client under a probe
+    and the tests use it to produce updates.
+    """
+    net = copy.deepcopy(model)
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    for _ in range(hp.steps or 1):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(images), labels).backward()
+        opt.step()
+    after = net.state_dict()
+    return {k: (after[k] - v) if v.is_floating_point() else torch.zeros_like(v) for k, v in before.items()}
