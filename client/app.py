@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from client.attacks import AttackSpec, UpdateContext, attacks_this_round, build_attack
 from lab import log as lablog
+from lab.capture import evidence_path, write_evidence
 from lab.config import ExperimentConfig, from_run_config
 from lab.data import load_data, malicious_partitions, partition_indices
 from lab.records import ParamLayout
@@ -34,6 +35,19 @@ def is_malicious(cfg: ExperimentConfig, node_config: dict[str, object], partitio
     ratio = cfg.attack.ratios[0]
     return cfg.attack.type != "none" and partition_id in malicious_partitions(
         cfg.federated.num_clients, ratio, cfg.seed)
+
+
+def _leave_evidence(run_config: dict[str, object], server_round: int, partition_id: int,
+                    images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Simulation only: the exact probe batch, for scoring reconstructions (never read by attacks)."""
+    out = str(run_config.get("output-dir", "") or "")
+    if not out:
+        return
+    path = evidence_path(Path(out) / "captures", server_round, partition_id)
+    try:
+        write_evidence(path, images.cpu(), labels.cpu())
+    except OSError as exc:  # a node that cannot reach the server's folder (deployment)
+        log.warning("no evidence written to %s: %s", path, exc)
 
 
 @app.train()
@@ -59,7 +73,10 @@ def train(msg: Message, context: Context) -> Message:
         attack = build_attack(AttackSpec(cfg.attack, trigger, cfg.dataset.target_class, cfg.dataset.source_class,
                                          data.num_classes))
     gen = generator(cfg.seed, server_round, partition_id, "train")
-    stats = train_local(model, local, hp, gen, poison=attack.poison_batch if attack else None)
+    probe = bool(config.get("fixed-batch", False))
+    stats = train_local(model, local, hp, gen, poison=attack.poison_batch if attack else None, fixed_batch=probe)
+    if probe and stats.batch is not None and cfg.capture.evidence:
+        _leave_evidence(context.run_config, server_round, partition_id, *stats.batch)
     state = state_of(model)
     if attack is not None and attack.transforms_update:
         layout = ParamLayout.of(global_state)

@@ -117,6 +117,11 @@ def read_entry(path: Path) -> CapturedUpdate:
     )
 
 
+def evidence_path(captures: Path, server_round: int, partition: int) -> Path:
+    """Where a simulated client leaves the exact batch it trained on in a probe round (scoring only)."""
+    return captures / "evidence" / f"round_{server_round:04d}_partition_{partition:03d}.safetensors"
+
+
 def write_evidence(path: Path, images: Tensor, labels: Tensor) -> None:
     """Simulation-only ground truth: `images` (B, C, H, W) in [0, 1] and `labels` (B,)."""
     if images.ndim != 4 or labels.shape != (images.shape[0],):

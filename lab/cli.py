@@ -67,6 +67,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lab.launch import run_experiment
+    from lab.sweep import Setting, load_sweep, run_sweep
+
+    path = Path(args.sweep)
+    name, settings = load_sweep(path)
+    checked = set()
+    for s in settings:  # every distinct rule is checked before the first run starts
+        key = (s.cfg.federated.aggregator.name, repr(s.cfg.federated.aggregator.params), s.cfg.federated.round_size)
+        if key not in checked:
+            _preflight(s.cfg)
+            checked.add(key)
+    out = Path(args.out) if args.out else Path(settings[0].cfg.execution.output_dir) / "sweeps" / name
+
+    def start(i: int, total: int, setting: Setting) -> None:
+        _out(f"[{i + 1}/{total}] {setting.slug}")
+
+    def runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+        return run_experiment(cfg, run_dir, progress_printer(cfg, "  ") if args.verbose else None)
+
+    run_sweep(path, out, runner, start)
+    _out((out / "results.md").read_text())
+    _out(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'plots'}")
+    return 0
+
+
 def _preflight(cfg: ExperimentConfig) -> None:
     """Config-time checks that need the model and the rule registry (before any process starts)."""
     from lab.data import load_data
@@ -91,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override keys, e.g. training.rounds=5")
     run.add_argument("--out", help="run folder (default: <execution.output_dir>/<name>)")
     run.set_defaults(func=cmd_run)
+    sweep = sub.add_parser("sweep", help="run a grid of experiments and compare them")
+    sweep.add_argument("sweep", help="sweep YAML file (see experiments/sweeps/)")
+    sweep.add_argument("--out", help="sweep folder (default: <execution.output_dir>/sweeps/<name>)")
+    sweep.add_argument("--verbose", action="store_true", help="a line per round of every run")
+    sweep.set_defaults(func=cmd_sweep)
     for name, (help_text, _) in EXTERNAL.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser

@@ -458,6 +458,14 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         for i, pid in enumerate(c.clients):
             need(0 <= pid < f.num_clients, f"capture.clients[{i}]", f"no partition {pid}")
     need(c.max_bytes > 0, "capture.max_bytes", "must be > 0")
+    if c.enabled:
+        need(bool(c.rounds), "capture.rounds", "capture is enabled but no rounds are listed")
+        need(c.clients != "malicious" or a.type != "none", "capture.clients",
+             "'malicious' selects nobody when attack.type is none")
+    if c.probe is not None:
+        need(c.probe.local_steps >= 1, "capture.probe.local_steps", "must be >= 1")
+        need(c.probe.batch_size >= 1, "capture.probe.batch_size", "must be >= 1")
+        need(c.probe.lr > 0, "capture.probe.lr", "must be > 0")
 
     u = cfg.unlearning
     need(u.steps >= 1, "unlearning.steps", "must be >= 1")

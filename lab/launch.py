@@ -137,12 +137,13 @@ def flwr_run(
     federation_config: str | None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     metrics_path: Path | None = None,
+    app_dir: Path = APP_DIR,
 ) -> RunOutcome:
     """`flwr run APP connection --stream`, progress from metrics.jsonl, status from `flwr ls`."""
     env = flower_env(flwr_home)
     cfg_file = work_dir / "run_config.toml"
     atomic_write_text(cfg_file, run_config_toml(run_config))
-    cmd = [str(BIN / "flwr"), "run", str(APP_DIR), connection, "--stream", "--run-config", str(cfg_file)]
+    cmd = [str(BIN / "flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(cfg_file)]
     if federation_config:
         cmd += ["--federation-config", federation_config]
     started = time.monotonic()

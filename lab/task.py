@@ -63,6 +63,7 @@ class TrainStats:
     loss: float  # mean training loss over the steps
     steps: int
     examples: int  # samples the client trained on (its num-examples)
+    batch: tuple[Tensor, Tensor] | None = None  # the one batch used, in fixed-batch mode
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -124,18 +125,34 @@ def train_local(
     hp: LocalHyperparams,
     gen: torch.Generator,
     poison: BatchTransform | None = None,
+    fixed_batch: bool = False,
 ) -> TrainStats:
-    """Plain local SGD (momentum, weight decay) on `data`; `poison` may rewrite each batch."""
+    """Plain local SGD (momentum, weight decay) on `data`; `poison` may rewrite each batch.
+
+    With `fixed_batch` (a curious server's probe: "K steps on one batch of B"), one batch of
+    `hp.batch_size` samples is drawn and poisoned once, then used for all `hp.steps` steps.
+    """
     if len(data) == 0:
         return TrainStats(loss=0.0, steps=0, examples=0)
     model.train()
     device = device_of(model)
     opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
     total, steps, seen = 0.0, 0, 0
-    for index in batches(len(data), hp.batch_size, gen, hp.steps, hp.epochs):
-        x, y = data.x[index], data.y[index]
+    fixed = None
+    if fixed_batch:
+        index = next(batches(len(data), hp.batch_size, gen, 1, 1))
+        fixed = (data.x[index], data.y[index])
         if poison is not None:
-            x, y = poison(x, y, gen)
+            fixed = poison(*fixed, gen)
+    schedule = ([None] * (hp.steps or hp.epochs) if fixed is not None
+                else batches(len(data), hp.batch_size, gen, hp.steps, hp.epochs))
+    for index in schedule:
+        if fixed is not None:
+            x, y = fixed
+        else:
+            x, y = data.x[index], data.y[index]
+            if poison is not None:
+                x, y = poison(x, y, gen)
         x, y = x.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
@@ -144,4 +161,6 @@ def train_local(
         total += float(loss.detach())
         steps += 1
         seen += len(y)
+    if fixed is not None:
+        return TrainStats(loss=total / steps, steps=steps, examples=len(fixed[1]), batch=fixed)
     return TrainStats(loss=total / steps, steps=steps, examples=min(seen, len(data)) if hp.steps else len(data))

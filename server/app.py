@@ -12,6 +12,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from lab import log as lablog
 from lab.config import ExperimentConfig, from_run_config
@@ -19,6 +20,7 @@ from lab.data import load_data, malicious_partitions
 from lab.records import ParamLayout
 from lab.task import LocalHyperparams, build_for, generator, load_state, set_threads, state_of, train_local
 from lab.triggers import make_trigger
+from server.capture import CapturePlan, CaptureUpdates
 from server.recorder import RunRecorder
 from strategies.flower import RobustFedAvg
 from strategies.registry import build_aggregator
@@ -83,7 +85,12 @@ def main(grid: Grid, context: Context) -> None:
         reference_update=reference_update,
         on_round=recorder.on_round,
     )
-    result = strategy.start(
+    runner: Strategy = strategy
+    if cfg.capture.enabled:
+        plan = CapturePlan.of(cfg.capture, hp, recorder.malicious, data.image_shape)
+        runner = CaptureUpdates(strategy, out / "captures", plan)
+        log.info("capturing rounds %s (clients: %s, probe: %s)", sorted(plan.rounds), cfg.capture.clients, plan.probe)
+    result = runner.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial),
         num_rounds=cfg.training.rounds,

@@ -1,0 +1,64 @@
+"""Plots (matplotlib, PNG) for sweeps and reports. Headless: the Agg backend, nothing shown."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lab.artifacts import read_jsonl  # noqa: E402
+
+
+def sweep_plots(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    """Accuracy and ASR per round per rule (one figure per attack), and ASR vs poison ratio."""
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+    by_attack: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_attack[str(r.get("attack", r["attack_type"]))].append(r)
+    for attack, rs in by_attack.items():
+        fig, (ax_acc, ax_asr) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+        seen = set()
+        for r in rs:
+            label = str(r.get("federated.aggregator", r["rule"]))
+            if (label, r.get("attack.poison_ratio")) in seen or r["seed"] != rs[0]["seed"]:
+                continue  # one curve per rule (first seed, first poison ratio)
+            seen.add((label, r.get("attack.poison_ratio")))
+            metrics = [m for m in read_jsonl(Path(r["run"]) / "metrics.jsonl") if m["round"] > 0]
+            ax_acc.plot([m["round"] for m in metrics], [m["accuracy"] for m in metrics], label=label)
+            ax_asr.plot([m["round"] for m in metrics], [m["asr"] for m in metrics], label=label)
+        ax_acc.set(title=f"clean accuracy ({attack})", xlabel="round", ylim=(0, 1.02))
+        ax_asr.set(title=f"attack success rate ({attack})", xlabel="round", ylim=(-0.02, 1.02))
+        ax_asr.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = plots / f"rounds_{_safe(attack)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if any("attack.poison_ratio" in r for r in rows):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        curves: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            if r["attack_type"] != "none" and r.get("asr") is not None:
+                curves[str(r.get("federated.aggregator", r["rule"]))][float(r["attack.poison_ratio"])].append(r["asr"])
+        for label, pts in curves.items():
+            xs = sorted(pts)
+            ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", label=label)
+        ax.set(xlabel="poison ratio", ylabel="final ASR", ylim=(-0.02, 1.02), title="ASR vs poison ratio")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = plots / "asr_vs_poison_ratio.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
