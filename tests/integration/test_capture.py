@@ -1,0 +1,78 @@
+"""The curious-server capture: entries, probe rounds, evidence, budget, and any inner strategy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import FedAvg
+
+from lab.artifacts import read_jsonl
+from lab.capture import probe_update, read_entry, read_evidence
+from lab.config import CaptureConfig, ProbeConfig, dump_yaml, load_experiment
+from lab.data import load_data
+from lab.task import LocalHyperparams, build_for, load_state, state_of
+from server.capture import CapturePlan, CaptureUpdates
+from tests.integration.harness import FakeGrid, run_in_process
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+PROBE = ["capture.enabled=true", "capture.rounds=[2]", "capture.clients=all",
+         "capture.probe={local_steps: 3, batch_size: 4, lr: 0.01}", "capture.evidence=true"]
+
+
+def test_probe_round_entries_replay_exactly_from_the_evidence(tmp_path: Path) -> None:
+    cfg = load_experiment(ROOT / "experiments/smoke.yaml", PROBE)
+    run_in_process({"experiment-text": dump_yaml(cfg), "output-dir": str(tmp_path)}, 4)
+    manifest = read_jsonl(tmp_path / "captures/manifest.jsonl")
+    assert sorted(r["partition_id"] for r in manifest) == [0, 1, 2, 3]
+    assert all(r["round"] == 2 and r["probe"] and r["hyperparams"]["local-steps"] == 3 for r in manifest)
+    data = load_data(cfg.dataset, cfg.seed)
+    for row in manifest:
+        entry = read_entry(tmp_path / "captures" / row["file"])
+        assert entry.hyperparams == LocalHyperparams(1, 3, 4, 0.01, 0.9, 0.0005)
+        assert entry.partition_id == row["partition_id"] and entry.image_shape == data.image_shape
+        images, labels = read_evidence(tmp_path / "captures" / row["evidence"])
+        model = load_state(build_for(cfg, data), entry.global_state)
+        replay = probe_update(model, images, labels, entry.hyperparams)
+        for key, value in entry.update.items():
+            assert torch.allclose(replay[key], value, atol=1e-6), key
+    malicious = [r for r in manifest if r["partition_id"] == 3][0]
+    _, labels = read_evidence(tmp_path / "captures" / malicious["evidence"])
+    assert labels.numel() >= 4  # the attacker's batch may carry appended or relabelled samples
+
+
+def test_capture_budget_stops_capturing_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_experiment(ROOT / "experiments/smoke.yaml", [*PROBE, "capture.max_bytes=700000"])
+    with caplog.at_level("WARNING"):
+        run_in_process({"experiment-text": dump_yaml(cfg), "output-dir": str(tmp_path)}, 4)
+    manifest = read_jsonl(tmp_path / "captures/manifest.jsonl")
+    assert 0 < len(manifest) < 4
+    assert sum(r["bytes"] for r in manifest) <= 700000
+    assert "capture budget" in caplog.text
+    assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == 2  # the run went on
+
+
+def test_capture_wraps_flowers_builtin_fedavg(tmp_path: Path) -> None:
+    from client.app import app as client_app
+
+    cfg = load_experiment(ROOT / "experiments/smoke.yaml", ["capture.enabled=true", "capture.rounds=[1]",
+                                                            "capture.clients=[1]"])
+    run_config = {"experiment-text": dump_yaml(cfg), "output-dir": str(tmp_path)}
+    grid = FakeGrid(client_app, [{"partition-id": i, "num-partitions": 4} for i in range(4)], run_config)
+    data = load_data(cfg.dataset, cfg.seed)
+    initial = state_of(build_for(cfg, data, seed=0))
+    plan = CapturePlan.of(CaptureConfig(enabled=True, rounds=(1,), clients=(1,), probe=ProbeConfig()),
+                          LocalHyperparams.of(cfg), frozenset(), data.image_shape)
+    strategy = CaptureUpdates(FedAvg(fraction_evaluate=0.0, min_available_nodes=4), tmp_path / "captures", plan)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=2,
+                            train_config=ConfigRecord(LocalHyperparams.of(cfg).to_config()))
+    assert result.arrays is not None
+    manifest = read_jsonl(tmp_path / "captures/manifest.jsonl")
+    assert [(r["round"], r["partition_id"]) for r in manifest] == [(1, 1)]
+    entry = read_entry(tmp_path / "captures" / manifest[0]["file"])
+    assert entry.hyperparams.steps == 1 and entry.hyperparams.batch_size == 1
+    assert all(torch.equal(entry.global_state[k], v) for k, v in initial.items())
