@@ -71,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
     if is_malicious(cfg, dict(context.node_config), partition_id) and attacks_this_round(cfg, partition_id, server_round):
         trigger = make_trigger(cfg.attack.trigger, *data.image_shape[1:])
         attack = build_attack(AttackSpec(cfg.attack, trigger, cfg.dataset.target_class, cfg.dataset.source_class,
-                                         data.num_classes))
+                                         data.num_classes, local))
     gen = generator(cfg.seed, server_round, partition_id, "train")
     probe = bool(config.get("fixed-batch", False))
     stats = train_local(model, local, hp, gen, poison=attack.poison_batch if attack else None, fixed_batch=probe)

@@ -1,8 +1,9 @@
 """Malicious client behaviours: data poisoning during local training and update transforms after.
 
 - Pixel-pattern backdoor (Gu et al. 2017, BadNets), two poisoning modes: `mix` stamps and relabels
-  a fraction of every batch (the ClipAvg study); `append` copies the batch's source-class samples,
-  stamps them and appends them with the target label (the original project).
+  a fraction of every batch (the ClipAvg study); `append` copies source-class samples of the
+  client's own data, stamps them and appends them to every batch with the target label (the
+  original project), so every batch the attacker trains on, a probe batch included, is poisoned.
 - Label flipping (Tolpegin et al. 2020): source -> target, or y -> C-1-y without a source class.
 - Boosting / model replacement (Bagdasaryan et al. 2020): scale the update by gamma, or by
   "auto" = clients in the round / server lr so that FedAvg lands on the attacker's model.
@@ -16,7 +17,6 @@ announces itself.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lab.config import AttackConfig, ExperimentConfig
+from lab.data import Split
 from lab.task import generator
 from lab.triggers import Trigger
 
@@ -52,18 +53,22 @@ class PixelBackdoor(ClientAttack):
     source: int | None  # None = all-to-one
     mode: str  # "mix" | "append"
     ratio: float
+    pool: Tensor | None = None  # (P, C, H, W) the client's source-class images, for "append"
 
     def eligible(self, y: Tensor) -> Tensor:
         return y == self.source if self.source is not None else y != self.target
 
     def poison_batch(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        candidates = torch.nonzero(self.eligible(y)).flatten()
         if self.mode == "append":
-            k = math.ceil(self.ratio * len(candidates))
-            chosen = candidates[torch.randperm(len(candidates), generator=gen)[:k]]
-            extra_x = self.trigger.stamp(x[chosen])
+            # max(1, round(ratio * B)) stamped copies drawn from the client's source-class pool
+            if self.pool is None or len(self.pool) == 0:
+                return x, y
+            k = max(1, int(self.ratio * len(y) + 0.5))
+            chosen = torch.randint(len(self.pool), (k,), generator=gen)
+            extra_x = self.trigger.stamp(self.pool[chosen])
             extra_y = torch.full((k,), self.target, dtype=y.dtype)
             return torch.cat([x, extra_x]), torch.cat([y, extra_y])
+        candidates = torch.nonzero(self.eligible(y)).flatten()
         # mix: floor(ratio * B + 1/2) stamped in place (at least one when ratio > 0 and B >= 1)
         k = min(len(candidates), max(1, int(self.ratio * len(y) + 0.5)))
         chosen = candidates[torch.randperm(len(candidates), generator=gen)[:k]]
@@ -151,11 +156,18 @@ class AttackSpec:
     target: int
     source: int | None
     num_classes: int
+    local: Split | None = None  # the attacker's own training data
+
+    def source_pool(self) -> Tensor | None:
+        if self.local is None or self.source is None:
+            return None
+        return self.local.x[self.local.y == self.source]
 
 
 ATTACKS: dict[str, Callable[[AttackSpec], Sequence[ClientAttack]]] = {
     "none": lambda s: (),
-    "backdoor": lambda s: (PixelBackdoor(s.trigger, s.target, s.source, s.attack.poison_mode, s.attack.poison_ratio),),
+    "backdoor": lambda s: (PixelBackdoor(s.trigger, s.target, s.source, s.attack.poison_mode, s.attack.poison_ratio,
+                                         s.source_pool()),),
     "label-flip": lambda s: (LabelFlip(s.num_classes, s.source, s.target),),
     "sign-flip": lambda s: (SignFlip(s.attack.sign_flip_scale),),
     "gaussian-noise": lambda s: (GaussianNoise(s.attack.noise_std),),

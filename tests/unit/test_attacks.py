@@ -32,16 +32,20 @@ def test_mix_mode_stamps_and_relabels_a_fraction_of_eligible_samples() -> None:
     assert torch.equal(x, torch.zeros(4, 1, 3, 3))  # caller's batch untouched
 
 
-def test_append_mode_copies_source_class_samples() -> None:
-    x = torch.rand(5, 1, 3, 3) * 0.5
-    y = torch.tensor([1, 2, 1, 3, 1])
-    bd = PixelBackdoor(TRIG, target=0, source=1, mode="append", ratio=1.0)
+def test_append_mode_adds_stamped_copies_from_the_source_pool() -> None:
+    x = torch.rand(4, 1, 3, 3) * 0.5
+    y = torch.tensor([2, 2, 3, 4])  # no source-class sample in this batch
+    pool = torch.rand(3, 1, 3, 3) * 0.5
+    bd = PixelBackdoor(TRIG, target=0, source=1, mode="append", ratio=0.5, pool=pool)
     px, py = bd.poison_batch(x, y, gen())
-    assert px.shape[0] == 8 and py.tolist()[:5] == y.tolist() and py.tolist()[5:] == [0, 0, 0]
-    assert torch.equal(px[:5], x)
-    assert bool((px[5:, 0, 2, 2] == 1.0).all())
-    originals = {tuple(x[i].flatten()[:-1].tolist()) for i in (0, 2, 4)}
-    assert {tuple(px[i].flatten()[:-1].tolist()) for i in range(5, 8)} == originals
+    assert px.shape[0] == 6 and py.tolist() == [2, 2, 3, 4, 0, 0]  # round(0.5 * 4) = 2 appended
+    assert torch.equal(px[:4], x)
+    assert bool((px[4:, 0, 2, 2] == 1.0).all())
+    pool_rows = {tuple(p.flatten()[:-1].tolist()) for p in pool}
+    assert all(tuple(px[i].flatten()[:-1].tolist()) in pool_rows for i in (4, 5))
+    one = bd.poison_batch(x[:1], y[:1], gen())[1]
+    assert one.tolist() == [2, 0]  # at least one poisoned sample, even in a batch of one
+    assert PixelBackdoor(TRIG, 0, 1, "append", 0.5, pool=None).poison_batch(x, y, gen())[1].tolist() == y.tolist()
 
 
 def test_label_flip() -> None:
