@@ -23,7 +23,9 @@ from lab.errors import ConfigError, LabError
 log = logging.getLogger(__name__)
 
 # name -> (help, "module:function" taking argv and returning an exit code)
-EXTERNAL: dict[str, tuple[str, str]] = {}
+EXTERNAL: dict[str, tuple[str, str]] = {
+    "invert": ("reconstruct client images from a run's captured updates", "inversion.cli:main"),
+}
 
 
 def _out(text: str) -> None:
@@ -51,8 +53,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lab.launch import expand_ratios, run_experiment
 
     cfg = load_experiment(args.experiment, args.set or ())
-    _preflight(cfg)
     base = Path(args.out) if args.out else Path(cfg.execution.output_dir) / cfg.name
+    if cfg.execution.reconstruction_only:
+        # The original project's mode: invert an existing run's captures, no training.
+        return int(importlib.import_module("inversion.cli").main([str(base)]))
+    _preflight(cfg)
     results = []
     for sub, one in expand_ratios(cfg):
         out = base / sub if sub else base

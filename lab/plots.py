@@ -62,3 +62,28 @@ def sweep_plots(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
 
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def image_grid(rows: list[tuple[str, Any]], path: Path, titles: list[str] | None = None) -> Path:
+    """One row of images per (label, tensor (N, C, H, W) in [0, 1]) pair, saved as a PNG."""
+    n = max(int(t.shape[0]) for _, t in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n + 0.8, 1.7 * len(rows)), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < images.shape[0]:
+                img = images[c].detach().clamp(0, 1).permute(1, 2, 0).numpy()
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+                if r == 0 and titles is not None and c < len(titles):
+                    ax.set_title(titles[c], fontsize=7)
+            else:
+                ax.axis("off")
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
