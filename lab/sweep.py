@@ -21,6 +21,7 @@ kept: re-running the sweep skips every run folder that already has its summary.j
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -34,7 +35,7 @@ from typing import Any
 import yaml
 
 from lab.artifacts import atomic_write_text, read_jsonl
-from lab.config import ExperimentConfig, load_experiment, read_yaml, to_dict
+from lab.config import AttackConfig, ExperimentConfig, dump_yaml, load_experiment, read_yaml, to_dict
 from lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,9 @@ def run_sweep(
     """Run (or reuse) every setting; returns one result row per run."""
     name, settings = load_sweep(path)
     rows = []
+    done: dict[str, Path] = {}  # identical resolved configs (e.g. no-attack x poison ratio) run once
     for i, setting in enumerate(settings):
-        run_dir = out / "runs" / setting.slug
+        run_dir = done.setdefault(_identity(setting.cfg), out / "runs" / setting.slug)
         summary_path = run_dir / "summary.json"
         if on_start is not None:
             on_start(i, len(settings), setting)
@@ -139,6 +141,13 @@ def run_sweep(
     fill_floors(rows)
     write_results(out, name, rows)
     return rows
+
+
+def _identity(cfg: ExperimentConfig) -> str:
+    """What makes two runs the same: without attackers, the attack's knobs (but the trigger) do nothing."""
+    if cfg.attack.type == "none":
+        cfg = dataclasses.replace(cfg, attack=AttackConfig(trigger=cfg.attack.trigger))
+    return dump_yaml(cfg)
 
 
 def result_row(setting: Setting, summary: Mapping[str, Any], metrics: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
