@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -132,9 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM takes the Ctrl-C path, so the Flower run is stopped and our SuperLink shut down.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     lablog.configure("WARNING")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     if argv and argv[0] in EXTERNAL:
         module, func = EXTERNAL[argv[0]][1].split(":")
         handler: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)

@@ -460,8 +460,6 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     need(c.max_bytes > 0, "capture.max_bytes", "must be > 0")
     if c.enabled:
         need(bool(c.rounds), "capture.rounds", "capture is enabled but no rounds are listed")
-        need(c.clients != "malicious" or a.type != "none", "capture.clients",
-             "'malicious' selects nobody when attack.type is none")
     if c.probe is not None:
         need(c.probe.local_steps >= 1, "capture.probe.local_steps", "must be >= 1")
         need(c.probe.batch_size >= 1, "capture.probe.batch_size", "must be >= 1")
