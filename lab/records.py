@@ -67,8 +67,16 @@ class ParamLayout:
 
     def flatten(self, state: Mapping[str, ArrayLike]) -> Tensor:
         """(n_params,) float32 vector of the floating entries, in layout order."""
-        parts = [_as_tensor(state[e.key]).reshape(-1).float() for e in self.entries if e.floating]
-        return torch.cat(parts) if parts else torch.zeros(0)
+        return self.flatten_into(state, torch.empty(self.num_params))
+
+    def flatten_into(self, state: Mapping[str, ArrayLike], out: Tensor) -> Tensor:
+        """Write the floating entries of `state` into `out` (n_params,), in layout order."""
+        offset = 0
+        for e in self.entries:
+            if e.floating:
+                out[offset : offset + e.numel].copy_(_as_tensor(state[e.key]).reshape(-1))
+                offset += e.numel
+        return out
 
     def unflatten(self, vector: Tensor, base: Mapping[str, ArrayLike]) -> dict[str, Tensor]:
         """Named tensors from `vector`; non-floating entries are copied from `base`."""
