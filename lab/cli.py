@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # name -> (help, "module:function" taking argv and returning an exit code)
 EXTERNAL: dict[str, tuple[str, str]] = {
     "invert": ("reconstruct client images from a run's captured updates", "inversion.cli:main"),
+    "verify": ("does the backdoor fire, and on the reconstructions?", "unlearning.cli:verify_main"),
+    "unlearn": ("fine-tune the backdoor away with the reconstructions", "unlearning.cli:unlearn_main"),
 }
 
 
