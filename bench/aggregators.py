@@ -160,15 +160,22 @@ def worker(kind: str, name: str, n: int, d: int, repeats: int) -> dict[str, floa
         for i in range(n):
             w = glob + un[i]
             rec = ArrayRecord({f"layer{k}": Array(w[cuts[k] : cuts[k + 1]]) for k in range(NUM_ARRAYS)})
-            out.append(Message(content=RecordDict({"arrays": rec, "metrics": MetricRecord({"num-examples": 100})}),
-                               reply_to=instr))
+            metrics = MetricRecord({"num-examples": 100, "partition-id": i})
+            out.append(Message(content=RecordDict({"arrays": rec, "metrics": metrics}), reply_to=instr))
         return out
 
     if kind == "ingest":
-        # what our wrapper adds on top of a rule: replies -> (n, d) float32 matrix
+        # what our wrapper adds on top of a rule: validated replies -> (n, d) float32 update matrix
+        from lab.records import ParamLayout
+        from strategies.flower import RobustFedAvg, RoundDecisions
+        from strategies.mean import weighted_mean
+
+        layout = ParamLayout.of({f"layer{k}": glob[cuts[k] : cuts[k + 1]] for k in range(NUM_ARRAYS)})
+        wrapper = RobustFedAvg(weighted_mean, layout, clients_per_round=n, num_clients=n, train_config={})
+        global_flat = torch.from_numpy(glob)
+
         def ingest(msgs: list[Message]) -> Any:
-            return torch.stack([torch.cat([torch.from_numpy(a.numpy()).reshape(-1) for a in m.content["arrays"].values()])
-                                for m in msgs])
+            return wrapper._accept(msgs, RoundDecisions(1), global_flat)[0]
 
         return _measure(ingest, build, repeats)
     strategies = {
