@@ -102,5 +102,12 @@ class ParamLayout:
         return out
 
 
+    def output_slice(self) -> slice | None:
+        """Where the last 2-D weight (the output layer of our models) lives in the flat vector."""
+        slices = self.slices()
+        last = next((e for e in reversed(self.entries) if e.floating and len(e.shape) == 2), None)
+        return None if last is None else slices[last.key]
+
+
 def _as_tensor(value: ArrayLike) -> Tensor:
     return value if isinstance(value, Tensor) else torch.from_numpy(np.asarray(value))

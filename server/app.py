@@ -64,7 +64,7 @@ def main(grid: Grid, context: Context) -> None:
     layout = ParamLayout.of(initial)
     hp = LocalHyperparams.of(cfg)
     ctx = AggregatorContext(layout=layout, clients_per_round=cfg.federated.round_size, seed=cfg.seed,
-                            output_slice=list(layout.slices().values())[-2])
+                            output_slice=layout.output_slice())
     aggregator = build_aggregator(cfg.federated.aggregator.name, dict(cfg.federated.aggregator.params), ctx)
     trigger = make_trigger(cfg.attack.trigger, *data.image_shape[1:])
     recorder = RunRecorder(out, cfg, data, build_for(cfg, data), trigger, ground_truth(run_config, cfg))

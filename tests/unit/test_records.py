@@ -22,6 +22,8 @@ def test_flatten_unflatten_round_trip_keeps_int_buffers_from_base() -> None:
     assert back["h"].dtype == torch.float64
     assert int(back["bn.num_batches_tracked"]) == 9
     assert layout.slices()["b"] == slice(6, 7)
+    assert layout.output_slice() == slice(7, 8)  # "h" (1x1) is the last 2-D weight
+
 
 
 def test_flatten_accepts_numpy() -> None:
