@@ -177,9 +177,12 @@ def write_outputs(cfg: ExperimentConfig, row: dict[str, Any], entry: CapturedUpd
 def table(results: list[dict[str, Any]]) -> str:
     head = f"{'entry':<28} {'imgs':>4} {'psnr':>6} {'ssim':>5} {'labels':>6} {'target':>6} {'loss':>7} {'secs':>6}"
     lines = [head, "-" * len(head)]
+
+    def cell(m: dict[str, Any], key: str, fmt: str) -> str:
+        return "-" if m.get(key) is None else format(m[key], fmt)
+
     for m in results:
-        def f(key: str, fmt: str) -> str:
-            return "-" if m.get(key) is None else format(m[key], fmt)
-        lines.append(f"{m['entry']:<28} {m['num_images']:>4} {f('psnr', '6.2f')} {f('ssim', '5.2f')} "
-                     f"{f('label_accuracy', '6.2f')} {f('target_fraction', '6.2f')} {m['loss']:7.4f} {m['seconds']:6.1f}")
+        lines.append(f"{m['entry']:<28} {m['num_images']:>4} {cell(m, 'psnr', '6.2f')} {cell(m, 'ssim', '5.2f')} "
+                     f"{cell(m, 'label_accuracy', '6.2f')} {cell(m, 'target_fraction', '6.2f')} {m['loss']:7.4f} "
+                     f"{m['seconds']:6.1f}")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -59,13 +60,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float, alive: Callable[[], bool]) -> None:
+def wait_http(url: str, timeout: float, alive: Callable[[], bool], context: ssl.SSLContext | None = None) -> None:
+    """Poll `url` until it answers 200; `context` verifies an https server (e.g. against a local CA)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive():
             raise RunError(f"the process serving {url} exited during start-up")
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (loopback only)
+            with urllib.request.urlopen(url, timeout=1, context=context) as resp:  # noqa: S310 (loopback only)
                 if resp.status == 200:
                     return
         except OSError:

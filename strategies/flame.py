@@ -110,7 +110,7 @@ class Flame:
     def __call__(self, updates: Tensor, info: RoundInfo) -> Aggregate:
         """`updates` is (n, d). Raises AggregationError for n < 2, or a missing global model
         when distance_on="models" or noise="layer-std" need it."""
-        n = require_clients(updates, info, 2, "flame")
+        require_clients(updates, info, 2, "flame")
         gram = gram_matrix(updates)  # (n, n) float64
         norms = gram.diagonal().clamp_min(0.0).sqrt()  # (n,) e_i
         if self.distance_on == "models":
