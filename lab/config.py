@@ -146,7 +146,7 @@ class UnlearningConfig:
     strategies: tuple[str, ...] = ("transplant", "relabel", "clean-finetune")
     clean_samples: int | None = None  # None = the whole server clean set
     steps: int = 100
-    lr: float = 0.01
+    lr: float = 0.005  # 0.01 cost 1.0 +- 1.5 accuracy points on the digits runs; 0.005 cost 0.4
     momentum: float = 0.9
     batch_size: int = 32
     mix_ratio: float = 0.2

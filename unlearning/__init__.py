@@ -1,0 +1,1 @@
+"""Offline backdoor verification and unlearning with the curious server's reconstructions."""
