@@ -1,6 +1,7 @@
 """`fl-lab`: the lab's one command line.
 
     fl-lab run experiments/default.yaml [--set attack.boost=auto ...] [--out runs/x]
+    fl-lab deploy up --nodes 3 --malicious 1 ; fl-lab deploy run EXP.yaml ; fl-lab deploy down
 
 Subcommands that live in other packages are resolved lazily by dotted path, so `lab` imports
 nothing of ours at import time (and `fl-lab --help` stays fast).
@@ -102,6 +103,89 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """`fl-lab deploy up|run|down|status|certs|compose` (see lab/deploy.py)."""
+    from lab import deploy
+
+    folder = Path(args.dir)
+    if args.action == "up":
+        dep = deploy.up(folder, args.nodes, args.malicious, tls=args.tls, auth=args.auth, isolation=args.isolation,
+                        timeout=args.timeout)
+        _out(f"deployment up in {dep.folder}: SuperLink {dep.address} "
+             f"({'TLS' if dep.tls else 'no TLS'}, {'node auth' if dep.auth else 'no node auth'}, "
+             f"isolation {dep.isolation}), {dep.num_nodes} SuperNodes, malicious partitions {dep.malicious}")
+        for p in dep.processes:
+            _out(f"  {p.name:<24} pid {p.pid:<8} log {p.log}")
+        _out(f"Flower connection `{deploy.CONNECTION}`: FLWR_HOME={dep.flwr_home} flwr run . {deploy.CONNECTION}")
+        return 0
+    if args.action == "run":
+        cfg = load_experiment(args.experiment, args.set or ())
+        dep = deploy.Deployment.load(folder.resolve())
+        deploy.check_fits(cfg, dep)
+        _preflight(cfg)
+        out = Path(args.out) if args.out else folder / "runs" / cfg.name
+        _out(f"running {cfg.name} on the deployment in {dep.folder} -> {out}")
+        s = deploy.run_experiment(folder, cfg, out, progress_printer(cfg))
+        asr = s.get("final_asr")
+        _out(f"done: {out}  accuracy {s['final_accuracy']:.4f}  asr {'-' if asr is None else f'{asr:.4f}'}  "
+             f"{s['wall_seconds']:.0f} s wall, {s['rounds']} rounds, {s['failures']} failed replies")
+        return 0
+    if args.action == "down":
+        stopped = deploy.down(folder)
+        _out(f"stopped {len(stopped)} processes: {stopped}")
+        return 0
+    if args.action == "status":
+        import json
+
+        _out(json.dumps(deploy.status(folder), indent=2))
+        return 0
+    if args.action == "certs":
+        hosts = args.host or ["localhost", "127.0.0.1", "superlink"]
+        certs, keys = deploy.make_secrets(folder, args.nodes, hosts)
+        _out(f"CA {certs.ca_cert}, SuperLink certificate {certs.server_cert} (SAN {', '.join(hosts)}), "
+             f"{len(keys)} node key pairs in {folder / 'keys'}")
+        return 0
+    if args.action == "compose":
+        sys.stdout.write(deploy.compose_yaml(args.nodes, args.malicious))
+        return 0
+    raise AssertionError(args.action)
+
+
+def _deploy_parser(sub: Any) -> None:
+    dep = sub.add_parser("deploy", help="a real SuperLink + SuperNodes on this machine (loopback, TLS, node auth)")
+    actions = dep.add_subparsers(dest="action", required=True)
+
+    def with_dir(p: argparse.ArgumentParser, default: str = "runs/deploy") -> argparse.ArgumentParser:
+        p.add_argument("--dir", default=default, help=f"deployment folder (default: {default})")
+        p.set_defaults(func=cmd_deploy)
+        return p
+
+    up = with_dir(actions.add_parser("up", help="start a SuperLink and N SuperNodes, wait until all are connected"))
+    up.add_argument("--nodes", type=int, required=True, help="number of SuperNodes (partitions)")
+    up.add_argument("--malicious", type=int, default=0, help="the last K partitions get malicious=true")
+    up.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True, help="TLS (default: on)")
+    up.add_argument("--auth", action=argparse.BooleanOptionalAction, default=True,
+                    help="SuperNode authentication with per-node keys (default: on; needs TLS)")
+    up.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
+                    help="where ClientApps/ServerApps run (process: separate flower-superexec processes)")
+    up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for start-up")
+    up.add_argument("--out", dest="dir", help="same as --dir")
+    run = with_dir(actions.add_parser("run", help="run an experiment on the deployment"))
+    run.add_argument("experiment", help="experiment YAML file")
+    run.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override keys, e.g. federated.num_clients=3")
+    run.add_argument("--out", help="run folder (default: <dir>/runs/<name>)")
+    with_dir(actions.add_parser("down", help="stop exactly the processes `up` started"))
+    with_dir(actions.add_parser("status", help="the recorded processes and the connected nodes"))
+    certs = with_dir(actions.add_parser("certs", help="a local CA, a SuperLink certificate and node key pairs"),
+                     default="docker/secrets")
+    certs.add_argument("--nodes", type=int, default=3, help="node key pairs to make")
+    certs.add_argument("--host", action="append", help="subjectAltName of the SuperLink (repeatable)")
+    certs.add_argument("--out", dest="dir", help="same as --dir")
+    comp = with_dir(actions.add_parser("compose", help="print compose.yaml for N nodes (pinned flwr version)"))
+    comp.add_argument("--nodes", type=int, default=3)
+    comp.add_argument("--malicious", type=int, default=1)
+
+
 def _preflight(cfg: ExperimentConfig) -> None:
     """Config-time checks that need the model and the rule registry (before any process starts)."""
     from lab.data import load_data
@@ -131,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="sweep folder (default: <execution.output_dir>/sweeps/<name>)")
     sweep.add_argument("--verbose", action="store_true", help="a line per round of every run")
     sweep.set_defaults(func=cmd_sweep)
+    _deploy_parser(sub)
     for name, (help_text, _) in EXTERNAL.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser

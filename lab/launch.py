@@ -225,7 +225,8 @@ def run_experiment(
     """
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "summary.json"):
+    # A resumed run (execution.resume) keeps the metrics the interrupted one wrote.
+    for stale in ("summary.json",) if cfg.execution.resume else ("metrics.jsonl", "summary.json"):
         (out_dir / stale).unlink(missing_ok=True)
     atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
     flwr_home = out_dir / ".flwr"

@@ -18,11 +18,19 @@ from lab import log as lablog
 from lab.config import ExperimentConfig, from_run_config
 from lab.data import load_data, malicious_partitions
 from lab.records import ParamLayout
-from lab.task import LocalHyperparams, build_for, generator, load_state, set_threads, state_of, train_local
+from lab.task import (
+    LocalHyperparams,
+    build_for,
+    generator,
+    load_state,
+    set_threads,
+    state_of,
+    train_local,
+)
 from lab.triggers import make_trigger
 from server.capture import CapturePlan, CaptureUpdates
 from server.recorder import RunRecorder
-from strategies.flower import RobustFedAvg
+from strategies.flower import RobustFedAvg, ShiftRounds
 from strategies.registry import build_aggregator
 from strategies.types import AggregatorContext
 
@@ -68,6 +76,8 @@ def main(grid: Grid, context: Context) -> None:
     aggregator = build_aggregator(cfg.federated.aggregator.name, dict(cfg.federated.aggregator.params), ctx)
     trigger = make_trigger(cfg.attack.trigger, *data.image_shape[1:])
     recorder = RunRecorder(out, cfg, data, build_for(cfg, data), trigger, ground_truth(run_config, cfg))
+    # Resume before the capture hook is built: it counts the capture bytes already written.
+    done, resumed = recorder.resume() if cfg.execution.resume else (0, None)
 
     def reference_update(global_flat, server_round):  # type: ignore[no-untyped-def]
         """FLTrust's server update: the same local procedure on the server's clean set."""
@@ -90,14 +100,27 @@ def main(grid: Grid, context: Context) -> None:
         plan = CapturePlan.of(cfg.capture, hp, recorder.malicious, data.image_shape)
         runner = CaptureUpdates(strategy, out / "captures", plan)
         log.info("capturing rounds %s (clients: %s, probe: %s)", sorted(plan.rounds), cfg.capture.clients, plan.probe)
+    start_arrays = initial
+    if done:
+        # Flower counts rounds from 1 again; ShiftRounds keeps every round number true.
+        runner = ShiftRounds(runner, done)
+        start_arrays = {k: resumed[k] for k in initial}  # the model's key order (safetensors sorts keys)
+        log.info("resuming after round %d of %d", done, cfg.training.rounds)
+
+    def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+        if done and rnd == 0:  # the checkpoint's round: already evaluated and logged
+            return MetricRecord({k: float(v) for k, v in recorder.last.items()
+                                 if k in ("accuracy", "loss", "asr", "source_accuracy") and v is not None})
+        return MetricRecord(recorder.evaluate(rnd + done, arrays.to_torch_state_dict()))
+
     result = runner.start(
         grid=grid,
-        initial_arrays=ArrayRecord(initial),
-        num_rounds=cfg.training.rounds,
+        initial_arrays=ArrayRecord(start_arrays),
+        num_rounds=cfg.training.rounds - done,
         train_config=ConfigRecord(),
-        evaluate_fn=lambda rnd, arrays: MetricRecord(recorder.evaluate(rnd, arrays.to_torch_state_dict())),
+        evaluate_fn=evaluate_fn,
     )
-    final = result.arrays.to_torch_state_dict() if result.arrays is not None else initial
+    final = result.arrays.to_torch_state_dict() if result.arrays is not None else start_arrays
     summary = recorder.finish(dict(final))
     log.info("finished: accuracy %s, asr %s, %.1f s", summary["final_accuracy"], summary["final_asr"],
              summary["seconds"])

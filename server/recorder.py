@@ -6,14 +6,24 @@ uses it to score the rule's decisions, never to make them.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from lab.artifacts import append_jsonl, atomic_write_text, save_tensors, write_json
+from lab.artifacts import (
+    append_jsonl,
+    atomic_write_text,
+    load_tensors,
+    read_jsonl,
+    save_tensors,
+    write_json,
+)
 from lab.config import ExperimentConfig, dump_yaml
 from lab.data import DataBundle
 from lab.metrics import Detection, detection, evaluate, pooled_detection
@@ -47,6 +57,56 @@ class RunRecorder:
         self.last: dict[str, object] = {}
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
+
+    def resume(self) -> tuple[int, dict[str, Tensor] | None]:
+        """Continue an interrupted run in `out_dir` (`execution.resume`).
+
+        Returns the last round R whose checkpoint and metrics line both exist, with that
+        checkpoint's weights, or (0, None) when there is nothing to continue from. Everything of
+        rounds after R (their metrics lines, capture entries and manifest lines, probe evidence)
+        is dropped, since those rounds run again; temporary files a killed writer left are
+        removed. Every rewrite is atomic, so a second crash during resume is harmless too.
+        """
+        out = self.out_dir
+        for tmp in [*out.glob(".*.tmp"), *out.glob("checkpoints/.*.tmp"), *out.glob("captures/**/.*.tmp")]:
+            tmp.unlink(missing_ok=True)
+        rows = read_jsonl(out / "metrics.jsonl")
+        logged = {int(r["round"]) for r in rows if "round" in r}
+        rounds = sorted((int(m.group(1)) for f in out.glob("checkpoints/round_*.safetensors")
+                         if (m := re.fullmatch(r"round_(\d+)\.safetensors", f.name))), reverse=True)
+        start = next((r for r in rounds if r in logged and r <= self.cfg.training.rounds), 0)
+        kept = [r for r in rows if 0 < start and int(r.get("round", -1)) <= start]
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        self._drop_captures_after(start)
+        for f in out.glob("checkpoints/round_*.safetensors"):
+            m = re.fullmatch(r"round_(\d+)\.safetensors", f.name)
+            if m and int(m.group(1)) > start:
+                f.unlink()
+        if start == 0:
+            log.info("resume: no checkpoint with a metrics line in %s; starting from round 1", out)
+            return 0, None
+        self._detections = [Detection(**r["detection"]) for r in kept if r.get("detection")]
+        self.last = kept[-1]
+        self.started = time.time() - float(kept[-1].get("seconds", 0.0))
+        self._round_started = time.time()
+        log.info("resume: continuing %s after round %d", out, start)
+        return start, load_tensors(out / "checkpoints" / f"round_{start:04d}.safetensors")
+
+    def _drop_captures_after(self, start: int) -> None:
+        captures = self.out_dir / "captures"
+        manifest = captures / "manifest.jsonl"
+        if manifest.exists():
+            entries = read_jsonl(manifest)
+            atomic_write_text(manifest, "".join(json.dumps(e) + "\n" for e in entries
+                                                if int(e.get("round", 0)) <= start))
+        for d in captures.glob("round_*"):
+            m = re.fullmatch(r"round_(\d+)", d.name)
+            if m and int(m.group(1)) > start and d.is_dir():
+                shutil.rmtree(d)
+        for f in captures.glob("evidence/round_*.safetensors"):
+            m = re.match(r"round_(\d+)_", f.name)
+            if m and int(m.group(1)) > start:
+                f.unlink()
 
     def on_round(self, decisions: RoundDecisions) -> None:
         self._pending = decisions

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 from torch import Tensor
 
 from lab.errors import AggregationError, LabError, ReplyError
@@ -241,3 +241,34 @@ class RobustFedAvg(FedAvg):
         )
         if self.on_round is not None:
             self.on_round(decisions)
+
+
+class ShiftRounds(Strategy):
+    """Runs `inner` as if Flower's round r were round r + `offset` (`execution.resume`).
+
+    `Strategy.start` always counts rounds from 1; a resumed run continues after the last
+    checkpointed round, so every round number the inner strategy (and, through the ConfigRecord's
+    `server-round`, every client: seeds, attack schedules) sees is the true one.
+    """
+
+    def __init__(self, inner: Strategy, offset: int) -> None:
+        self.inner = inner
+        self.offset = offset
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round + self.offset, replies)

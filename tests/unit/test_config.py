@@ -39,7 +39,7 @@ def test_all_problems_are_reported_at_once_with_key_paths() -> None:
 
 def test_overrides_apply_nested_keys_and_parse_yaml_values() -> None:
     cfg = load_experiment(ROOT / "experiments/default.yaml",
-                          ["training.rounds=3", "attack.boost=auto", "attack.trigger.size=2",
+                          ["training.rounds=3", "capture.rounds=[3]", "attack.boost=auto", "attack.trigger.size=2",
                            "federated.aggregator.params={beta: 0.1}"])
     assert cfg.training.rounds == 3
     assert cfg.attack.boost == "auto"
