@@ -30,6 +30,8 @@ EXTERNAL: dict[str, tuple[str, str]] = {
     "invert": ("reconstruct client images from a run's captured updates", "inversion.cli:main"),
     "verify": ("does the backdoor fire, and on the reconstructions?", "unlearning.cli:verify_main"),
     "unlearn": ("fine-tune the backdoor away with the reconstructions", "unlearning.cli:unlearn_main"),
+    "report": ("the experiment report (report.md, self-contained report.html, plots/)", "lab.report:main"),
+    "demo": ("the whole story on the embedded digits data, with its report", "lab.demo:main"),
 }
 
 

@@ -50,6 +50,8 @@ def output_dir(run_config: dict[str, object], cfg: ExperimentConfig) -> Path:
 def ground_truth(run_config: dict[str, object], cfg: ExperimentConfig) -> frozenset[int]:
     """Malicious partitions, for scoring only: run-config override (deployment) or the seed rule."""
     given = str(run_config.get("malicious-partitions", "") or "").strip()
+    if given == "none":  # deployment with no malicious node
+        return frozenset()
     if given:
         return frozenset(int(p) for p in given.split(","))
     if cfg.attack.type == "none":

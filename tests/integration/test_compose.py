@@ -1,0 +1,135 @@
+"""compose.yaml and docker/: checked against the pinned flwr itself (no Docker engine here).
+
+Every flag of every service must be one the installed Flower's own `--help` lists, every image tag
+must be the installed flwr version, every SuperNode a distinct partition, and every mounted secret
+a file that `fl-lab deploy certs` really makes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lab import deploy
+from lab.launch import BIN
+
+ROOT = Path(__file__).resolve().parents[2]
+VERSION = importlib.metadata.version("flwr")
+BINARY = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode",
+          "fl-security-lab-superexec": "flower-superexec"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+@cache
+def help_flags(binary: str) -> frozenset[str]:
+    res = subprocess.run([str(BIN / binary), "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    return frozenset(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", res.stdout))
+
+
+def image_name(service: dict) -> str:
+    return service["image"].rsplit(":", 1)[0]
+
+
+def test_compose_yaml_is_what_the_generator_makes_for_the_installed_flwr() -> None:
+    assert (ROOT / "compose.yaml").read_text() == deploy.compose_yaml(3, 1, VERSION), \
+        "stale compose.yaml: regenerate with `fl-lab deploy compose > compose.yaml`"
+
+
+def test_image_tags_are_the_pinned_flwr_version(compose: dict) -> None:
+    for name, svc in compose["services"].items():
+        assert svc["image"].rsplit(":", 1)[1] == VERSION, name
+        if "build" in svc:
+            assert svc["build"]["args"]["FLWR_VERSION"] == VERSION
+            assert (ROOT / svc["build"]["dockerfile"]).exists()
+    dockerfile = (ROOT / "docker" / "superexec.Dockerfile").read_text()
+    assert "FROM flwr/superexec:${FLWR_VERSION}" in dockerfile
+    assert "--index-url https://download.pytorch.org/whl/cpu" in dockerfile
+    assert not re.search(r"\b1\.\d+\.\d+\b", dockerfile)  # no second copy of the version
+
+
+@pytest.mark.integration
+def test_every_flag_is_one_the_pinned_flower_lists(compose: dict) -> None:
+    for name, svc in compose["services"].items():
+        binary = BINARY[image_name(svc)]
+        flags = {a for a in svc["command"] if a.startswith("--")}
+        unknown = flags - help_flags(binary)
+        assert not unknown, f"{name}: {binary} {VERSION} has no {sorted(unknown)}"
+    assert "--auth-list-public-keys" not in str(compose)  # refused by 1.41
+    assert "--fleet-api-address" not in str(compose)  # ignored since the one HTTP port
+
+
+def test_topology_nodes_partitions_executors_and_security(compose: dict) -> None:
+    services = compose["services"]
+    nodes = {n: s for n, s in services.items() if image_name(s) == "flwr/supernode"}
+    configs = [s["command"][s["command"].index("--node-config") + 1] for s in nodes.values()]
+    parsed = [dict(kv.split("=", 1) for kv in c.split()) for c in configs]
+    partitions = [int(p["partition-id"]) for p in parsed]
+    assert sorted(partitions) == list(range(len(nodes))) and len(set(partitions)) == len(nodes) == 3
+    assert all(int(p["num-partitions"]) == len(nodes) for p in parsed)
+    assert sorted(p["malicious"] for p in parsed) == ["false", "false", "true"]
+    link = services["superlink"]["command"]
+    assert "--enable-supernode-auth" in link and "--insecure" not in link and "--ssl-certfile" in link
+    assert link[link.index("--isolation") + 1] == "process"
+    serverapp = services["superexec-serverapp"]
+    assert serverapp["command"][serverapp["command"].index("--runtime-api-address") + 1] == "superlink:8000"
+    assert any(v.endswith(":/app/runs") for v in serverapp["volumes"])  # captures + checkpoints on a volume
+    for name, svc in nodes.items():
+        cmd = svc["command"]
+        assert "--insecure" not in cmd and "--root-certificates" in cmd and "--auth-supernode-private-key" in cmd
+        assert cmd[cmd.index("--superlink") + 1] == "superlink:8000"
+        executor = services[f"superexec-clientapp-{name.split('-')[1]}"]["command"]
+        assert executor[executor.index("--runtime-api-address") + 1] == f"{name}:{cmd[cmd.index('--port') + 1]}"
+
+
+def test_mounted_secrets_are_what_deploy_certs_makes(compose: dict, tmp_path: Path) -> None:
+    deploy.make_secrets(tmp_path, 3)
+    made = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    for name, svc in compose["services"].items():
+        for volume in svc.get("volumes", []):
+            host, container = volume.split(":")[:2]
+            if host.startswith("./docker/secrets/"):
+                rel = host.removeprefix("./docker/secrets/")
+                assert rel in made or any(m.startswith(rel + "/") for m in made), (name, volume)
+                for arg in svc["command"]:  # every secret path the command names is under a mount
+                    if arg.startswith(container + "/"):
+                        assert arg.removeprefix(container + "/") in {m.removeprefix(rel + "/") for m in made}
+            if container.startswith("/app/keys/"):
+                assert f"keys/{Path(container).name}" in made
+
+
+def test_generated_certificates_verify_and_cover_the_superlink_names(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+
+    certs, keys = deploy.make_secrets(tmp_path, 2)
+    ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "superlink"} <= set(san.get_values_for_type(x509.DNSName))
+    assert "127.0.0.1" in {str(a) for a in san.get_values_for_type(x509.IPAddress)}
+    assert oct(certs.server_key.stat().st_mode & 0o777) == "0o600"
+    for k in keys:  # what flower-supernode and `flwr supernode register` load
+        private = load_ssh_private_key(k.read_bytes(), None)
+        public = load_ssh_public_key(k.with_name(k.name + ".pub").read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+        assert private.public_key() == public
+    other = x509.load_pem_x509_certificate(deploy.make_certificates(tmp_path / "other").ca_cert.read_bytes())
+    with pytest.raises((ValueError, InvalidSignature)):
+        server.verify_directly_issued_by(other)  # a different CA does not vouch for it
