@@ -8,6 +8,7 @@ it is malicious comes from `malicious=true` in the node config (deployment) or, 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -54,6 +55,8 @@ def _leave_evidence(run_config: dict[str, object], server_round: int, partition_
 def train(msg: Message, context: Context) -> Message:
     lablog.configure()
     cfg = from_run_config(context.run_config, APP_DIR)
+    if "data-dir" in context.node_config:  # deployment: the node's own copy of the dataset
+        cfg = replace(cfg, dataset=replace(cfg.dataset, data_dir=str(context.node_config["data-dir"])))
     set_threads(cfg.execution.num_threads)
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
