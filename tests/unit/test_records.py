@@ -43,3 +43,17 @@ def test_check_rejects_mismatches(mutate, match) -> None:  # type: ignore[no-unt
     mutate(bad)
     with pytest.raises(ReplyError, match=match):
         layout.check(bad)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from lab.artifacts import save_tensors, write_json
+
+    write_json(tmp_path / "a.json", {"a": 1})
+    save_tensors(tmp_path / "b.safetensors", {"x": torch.ones(2)})
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("a.json", "b.safetensors"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
