@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.execution.reconstruction_only:
         # The original project's mode: invert an existing run's captures, no training.
         return int(importlib.import_module("inversion.cli").main([str(base)]))
-    _preflight(cfg)
+    preflight(cfg)
     results = []
     for sub, one in expand_ratios(cfg):
         out = base / sub if sub else base
@@ -89,7 +89,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for s in settings:  # every distinct rule is checked before the first run starts
         key = (s.cfg.federated.aggregator.name, repr(s.cfg.federated.aggregator.params), s.cfg.federated.round_size)
         if key not in checked:
-            _preflight(s.cfg)
+            preflight(s.cfg)
             checked.add(key)
     out = Path(args.out) if args.out else Path(settings[0].cfg.execution.output_dir) / "sweeps" / name
 
@@ -124,7 +124,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         cfg = load_experiment(args.experiment, args.set or ())
         dep = deploy.Deployment.load(folder.resolve())
         deploy.check_fits(cfg, dep)
-        _preflight(cfg)
+        preflight(cfg)
         out = Path(args.out) if args.out else folder / "runs" / cfg.name
         _out(f"running {cfg.name} on the deployment in {dep.folder} -> {out}")
         s = deploy.run_experiment(folder, cfg, out, progress_printer(cfg))
@@ -188,7 +188,7 @@ def _deploy_parser(sub: Any) -> None:
     comp.add_argument("--malicious", type=int, default=1)
 
 
-def _preflight(cfg: ExperimentConfig) -> None:
+def preflight(cfg: ExperimentConfig) -> None:
     """Config-time checks that need the model and the rule registry (before any process starts)."""
     from lab.data import load_data
     from lab.records import ParamLayout
@@ -238,16 +238,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)
         return handler(argv[1:])
     args = build_parser().parse_args(argv)
+    return guarded("fl-lab", lambda: int(args.func(args)))
+
+
+def guarded(prog: str, body: Callable[[], int]) -> int:
+    """Run a command body; lab errors become one line on stderr and an exit code, not a traceback:
+    2 for an invalid experiment, 1 for a failed run, 130 for Ctrl-C."""
     try:
-        return int(args.func(args))
+        return body()
     except ConfigError as exc:
-        sys.stderr.write(f"fl-lab: invalid experiment:{'' if len(exc.problems) > 1 else ' '}{exc}\n")
+        sys.stderr.write(f"{prog}: invalid experiment:{'' if len(exc.problems) > 1 else ' '}{exc}\n")
         return 2
     except LabError as exc:
-        sys.stderr.write(f"fl-lab: {exc}\n")
+        sys.stderr.write(f"{prog}: {exc}\n")
         return 1
     except KeyboardInterrupt:
-        sys.stderr.write("fl-lab: interrupted\n")
+        sys.stderr.write(f"{prog}: interrupted\n")
         return 130
 
 

@@ -32,7 +32,7 @@ from typing import Any
 from lab import log as lablog
 from lab.artifacts import write_json
 from lab.config import ExperimentConfig, load_experiment, with_values
-from lab.errors import ConfigError, LabError, RunError
+from lab.errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -139,27 +139,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"the rule compared with FedAvg (default: {DEFAULT_DEFENSE})")
     args = p.parse_args(argv)
     lablog.configure("WARNING")
-    try:
-        return demo(Path(args.out), args.quick, args.defense)
-    except ConfigError as exc:
-        sys.stderr.write(f"demo: invalid experiment: {exc}\n")
-        return 2
-    except LabError as exc:
-        sys.stderr.write(f"demo: {exc}\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write("demo: interrupted\n")
-        return 130
+    from lab.cli import guarded
+
+    return guarded("demo", lambda: demo(Path(args.out), args.quick, args.defense))
 
 
 def demo(out: Path, quick: bool, defense: str) -> int:
-    from lab.cli import _preflight
+    from lab.cli import preflight
     from lab.report import collect, demo_checks, environment, write_report
 
     started = time.perf_counter()
     runs, note = plan(quick, defense)
     for r in runs[:2]:  # the two rules: a bad setting fails before anything starts
-        _preflight(r.cfg)
+        preflight(r.cfg)
     out = out.resolve()
     # A fresh demo: remove only what an earlier demo wrote here.
     for r in runs:

@@ -44,10 +44,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab.artifacts import atomic_write_bytes, atomic_write_text, read_jsonl, write_json
+from lab.artifacts import atomic_write_bytes, read_jsonl, write_json
 from lab.config import ExperimentConfig, dump_yaml
 from lab.errors import ConfigError, RunError
-from lab.launch import BIN, flower_env, flwr_run, free_port, wait_http, write_connection
+from lab.launch import (BIN, finished_summary, flower_env, flwr_run, free_port, prepare_run_dir, wait_http,
+                        write_connection)
 
 log = logging.getLogger(__name__)
 
@@ -492,25 +493,12 @@ def run_experiment(
     if not any(alive(p) for p in dep.processes if p.name == "superlink"):
         raise RunError(f"the deployment in {dep.folder} is not running (`fl-lab deploy up` first)")
     out_dir = out_dir.resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.execution.resume:  # a resumed run keeps what the interrupted one wrote
-        for stale in ("metrics.jsonl", "summary.json"):
-            (out_dir / stale).unlink(missing_ok=True)
-    else:
-        (out_dir / "summary.json").unlink(missing_ok=True)
-    atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
+    out_dir = prepare_run_dir(cfg, out_dir)
     run_config = {"experiment-text": dump_yaml(cfg), "output-dir": str(out_dir),
                   "malicious-partitions": ",".join(str(p) for p in dep.malicious) or "none"}
     outcome = flwr_run(CONNECTION, dep.flwr_home, run_config, out_dir, None, on_progress,
                        out_dir / "metrics.jsonl")
-    summary_path = out_dir / "summary.json"
-    if outcome.status != "finished:completed" or not summary_path.exists():
-        raise RunError(
-            f"Flower run {outcome.run_id or '?'} did not complete (status {outcome.status}"
-            f"{': ' + outcome.details if outcome.details else ''}); see {out_dir / 'flwr.log'}")
-    summary: dict[str, Any] = json.loads(summary_path.read_text())
-    summary["flower_run_id"] = outcome.run_id
-    summary["wall_seconds"] = outcome.seconds
+    summary = finished_summary(outcome, out_dir)
     summary["failures"] = sum(len(r.get("failures") or []) for r in read_jsonl(out_dir / "metrics.jsonl"))
     return summary
 

@@ -223,12 +223,7 @@ def run_experiment(
     Raises:
         RunError: the Flower run failed (with Flower's status details and the log path).
     """
-    out_dir = out_dir.resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # A resumed run (execution.resume) keeps the metrics the interrupted one wrote.
-    for stale in ("summary.json",) if cfg.execution.resume else ("metrics.jsonl", "summary.json"):
-        (out_dir / stale).unlink(missing_ok=True)
-    atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
+    out_dir = prepare_run_dir(cfg, out_dir)
     flwr_home = out_dir / ".flwr"
     fed = cfg.federated
     federation = (f"num-supernodes={fed.num_clients} "
@@ -239,6 +234,26 @@ def run_experiment(
             {"experiment-text": dump_yaml(cfg), "output-dir": str(out_dir)},
             out_dir, federation, on_progress, out_dir / "metrics.jsonl",
         )
+    return finished_summary(outcome, out_dir)
+
+
+def prepare_run_dir(cfg: ExperimentConfig, out_dir: Path) -> Path:
+    """The absolute run folder with the resolved config in it and no stale results; a resumed run
+    (execution.resume) keeps the metrics the interrupted one wrote."""
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("summary.json",) if cfg.execution.resume else ("metrics.jsonl", "summary.json"):
+        (out_dir / stale).unlink(missing_ok=True)
+    atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
+    return out_dir
+
+
+def finished_summary(outcome: RunOutcome, out_dir: Path) -> dict[str, Any]:
+    """summary.json of a completed run, with Flower's run id and the wall time.
+
+    Raises:
+        RunError: Flower reports the run as not completed, or the ServerApp wrote no summary.
+    """
     summary_path = out_dir / "summary.json"
     if outcome.status != "finished:completed" or not summary_path.exists():
         raise RunError(
