@@ -24,6 +24,8 @@ def sweep_plots(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
         by_attack[str(r.get("attack", r["attack_type"]))].append(r)
     for attack, rs in by_attack.items():
         fig, (ax_acc, ax_asr) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+        for ax in (ax_acc, ax_asr):
+            ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 15 rules: the default cycle repeats at 10
         seen = set()
         for r in rs:
             label = str(r.get("federated.aggregator", r["rule"]))
