@@ -34,8 +34,6 @@ import importlib.metadata
 import ipaddress
 import json
 import logging
-import os
-import signal
 import ssl
 import subprocess
 import time
@@ -47,6 +45,8 @@ from typing import Any
 from lab.artifacts import atomic_write_bytes, read_jsonl, write_json
 from lab.config import ExperimentConfig, dump_yaml
 from lab.errors import ConfigError, RunError
+from lab.procs import stat, terminate
+from lab import procs
 from lab.launch import (BIN, finished_summary, flower_env, flwr_run, free_port, prepare_run_dir, wait_http,
                         write_connection)
 
@@ -167,52 +167,15 @@ class ProcRecord:
     cmd: list[str] = field(default_factory=list)
 
 
-def _stat(pid: int) -> tuple[str, int, int, int] | None:
-    """(state, ppid, pgid, starttime) of a live process, or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces
-    return rest[0], int(rest[1]), int(rest[2]), int(rest[19])
-
-
 def alive(rec: ProcRecord) -> bool:
-    st = _stat(rec.pid)
+    st = stat(rec.pid)
     return st is not None and st[0] != "Z" and st[3] == rec.start
 
 
-def _all_pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-
-
-def _uses_home(pid: int, flwr_home: Path) -> bool:
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-    return f"FLWR_HOME={flwr_home}".encode() in env.split(b"\0")
-
-
 def family(records: Iterable[ProcRecord], flwr_home: Path) -> list[int]:
-    """Live PIDs that belong to this deployment: the recorded processes (if still the same
-    process), their descendants, anything in their process groups, and any orphan (e.g. a
-    `flwr-clientapp` whose SuperNode died, notes 8.9) whose environment carries our private
-    FLWR_HOME. Never anything selected by name."""
-    roots = {r.pid for r in records if alive(r)}
-    stats = {pid: s for pid in _all_pids() if (s := _stat(pid)) is not None and s[0] != "Z"}
-    members = set(roots)
-    changed = True
-    while changed:
-        changed = False
-        for pid, (_, ppid, pgid, _) in stats.items():
-            if pid not in members and (ppid in members or pgid in roots):
-                members.add(pid)
-                changed = True
-    me = os.getpid()
-    members |= {pid for pid in stats if pid != me and _uses_home(pid, flwr_home)}
-    members.discard(me)
-    return sorted(members)
+    """Live PIDs that belong to this deployment (see lab.procs.family); recorded processes count
+    only while they are still the same process (start time), not a recycled PID."""
+    return procs.family((r.pid for r in records if alive(r)), flwr_home)
 
 
 def spawn(name: str, cmd: list[str], log_path: Path, env: dict[str, str]) -> ProcRecord:
@@ -220,33 +183,10 @@ def spawn(name: str, cmd: list[str], log_path: Path, env: dict[str, str]) -> Pro
     with open(log_path, "ab") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
-    st = _stat(proc.pid)
+    st = stat(proc.pid)
     # The Popen object is dropped on purpose: `up` exits and the processes keep running.
     proc.returncode = 0  # silences Popen.__del__'s "still running" warning; we track the PID
     return ProcRecord(name, proc.pid, st[3] if st else -1, str(log_path), cmd)
-
-
-def terminate(pids: Iterable[int], grace: float = 10.0) -> list[int]:
-    """SIGTERM, wait up to `grace` s, SIGKILL the rest; returns PIDs still alive (should be [])."""
-    targets = {pid: _stat(pid) for pid in pids}
-    targets = {p: s for p, s in targets.items() if s is not None}
-
-    def same(pid: int) -> bool:
-        st = _stat(pid)
-        return st is not None and st[0] != "Z" and st[3] == targets[pid][3]
-
-    for pid in targets:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(same(p) for p in targets):
-        time.sleep(0.2)
-    for pid in targets:
-        if same(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-    time.sleep(0.3)
-    return [p for p in targets if same(p)]
 
 
 # --------------------------------------------------------------------------------------------

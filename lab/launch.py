@@ -31,6 +31,7 @@ from typing import Any
 from lab.artifacts import atomic_write_text, read_jsonl
 from lab.config import ExperimentConfig, dump_yaml
 from lab.errors import RunError
+from lab.procs import family, terminate
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,11 @@ def simulation_superlink(flwr_home: Path, log_path: Path) -> Iterator[str]:
         yield "lab-sim"
     finally:
         stop_process(proc)
+        # flwr-simulation (and its Ray workers) run detached from the SuperLink's process group;
+        # an interrupted run would leave them behind. They carry our private FLWR_HOME.
+        left = terminate(family([], flwr_home))
+        if left:
+            log.warning("processes of %s still alive after SIGKILL: %s", flwr_home, left)
 
 
 def run_config_toml(values: dict[str, Any]) -> str:

@@ -88,3 +88,21 @@ def test_attackers_ratio_list_runs_one_experiment_per_value(tmp_path: Path) -> N
     s1 = json.loads((tmp_path / "attackers_0.25" / "summary.json").read_text())
     s2 = json.loads((tmp_path / "attackers_0.5" / "summary.json").read_text())
     assert len(s1["malicious_partitions"]) == 1 and len(s2["malicious_partitions"]) == 2
+
+
+def test_stopping_fl_lab_run_mid_run_leaves_no_flower_or_ray_process(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([*FL_LAB, "run", "experiments/smoke.yaml", "--out", str(out), "--set", "training.rounds=30"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(read_jsonl(out / "metrics.jsonl")) < 2:
+        time.sleep(1)
+    assert len(read_jsonl(out / "metrics.jsonl")) >= 2, "the run never got going"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err
+    time.sleep(2)
+    assert flower_processes_using(out / ".flwr") == []  # flwr-simulation and Ray included
