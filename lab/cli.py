@@ -1,6 +1,9 @@
 """`fl-lab`: the lab's one command line.
 
+    fl-lab demo                                   # the whole story on the embedded digits
     fl-lab run experiments/default.yaml [--set attack.boost=auto ...] [--out runs/x]
+    fl-lab sweep experiments/sweeps/defenses.yaml
+    fl-lab invert RUN ; fl-lab verify RUN ; fl-lab unlearn RUN ; fl-lab report RUN
     fl-lab deploy up --nodes 3 --malicious 1 ; fl-lab deploy run EXP.yaml ; fl-lab deploy down
 
 Subcommands that live in other packages are resolved lazily by dotted path, so `lab` imports
