@@ -20,33 +20,21 @@ from lab.artifacts import load_tensors, save_tensors
 from lab.config import dump_yaml, load_experiment
 from lab.data import load_data
 from lab.metrics import evaluate
-from lab.task import LocalHyperparams, build_for, generator, state_of, train_local
+from lab.task import build_for, state_of
 from lab.triggers import make_trigger
+from tests.tiny_backdoor import TINY as TINY_BASE
+from tests.tiny_backdoor import train_tiny_backdoor
 from unlearning.cli import main, unlearn_main, verify_main
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-TINY = {"name": "tiny", "dataset": {"name": "digits", "image_size": 16, "source_class": 1, "target_class": 0},
-        "training": {"model": "cnn", "seed": 0},
-        "attack": {"type": "backdoor", "attackers_ratio": 0.3, "trigger": {"size": 3, "position": "bottom-right"}},
-        "unlearning": {"steps": 40}}
+TINY = {**TINY_BASE, "unlearning": {"steps": 40}}
 FAST = ["--quiet", "--steps", "40", "--lr", "0.01"]  # the tiny model needs the larger step
 
 
 def make_run(out: Path, **overrides: object) -> Path:
-    torch.set_num_threads(1)
     cfg = load_experiment({**TINY, **overrides})
-    data = load_data(cfg.dataset, cfg.seed)
-    trig = make_trigger(cfg.attack.trigger, 16, 16)
-    model = build_for(cfg, data, seed=0)
-
-    def poison(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        k = len(y) // 5
-        x, y = x.clone(), y.clone()
-        x[:k], y[:k] = trig.stamp(x[:k]), 0
-        return x, y
-
-    train_local(model, data.train, LocalHyperparams(1, 300, 32, 0.05, 0.9, 0.0), generator(0, "tiny"), poison)
+    data, trig, model = train_tiny_backdoor(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
     save_tensors(out / "final.safetensors", state_of(model))

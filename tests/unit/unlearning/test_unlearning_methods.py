@@ -7,34 +7,19 @@ import torch
 import torch.nn.functional as F
 
 from lab.config import load_experiment
-from lab.data import Split, load_data
+from lab.data import Split
 from lab.metrics import evaluate
-from lab.task import LocalHyperparams, build_for, generator, train_local
+from lab.task import build_for, generator
 from lab.triggers import make_trigger
+from tests.tiny_backdoor import TINY, train_tiny_backdoor
 from unlearning.methods import (STRATEGIES, Budget, Materials, StrategyError, accuracy, finetune,
                                 get_strategy, relabel_targets, row_loss, stamp_share)
-
-TINY = {"name": "tiny", "dataset": {"name": "digits", "image_size": 16, "source_class": 1, "target_class": 0},
-        "training": {"model": "cnn", "seed": 0},
-        "attack": {"type": "backdoor", "attackers_ratio": 0.3, "trigger": {"size": 3, "position": "bottom-right"}}}
-
 
 @pytest.fixture(scope="module")
 def tiny():  # type: ignore[no-untyped-def]
     """A CNN trained 300 SGD steps with 20 % of every batch stamped and relabelled to the target."""
-    torch.set_num_threads(1)
     cfg = load_experiment(TINY)
-    data = load_data(cfg.dataset, cfg.seed)
-    trig = make_trigger(cfg.attack.trigger, 16, 16)
-    model = build_for(cfg, data, seed=0)
-
-    def poison(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        k = len(y) // 5
-        x, y = x.clone(), y.clone()
-        x[:k], y[:k] = trig.stamp(x[:k]), 0
-        return x, y
-
-    train_local(model, data.train, LocalHyperparams(1, 300, 32, 0.05, 0.9, 0.0), generator(0, "tiny"), poison)
+    data, trig, model = train_tiny_backdoor(cfg)
     return cfg, data, trig, model.eval()
 
 
