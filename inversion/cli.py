@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,8 @@ from inversion.types import Reconstruction
 
 log = logging.getLogger(__name__)
 
+Progress = Callable[[int, float], None]  # (iterations done, best loss so far)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fl-lab invert", description="Reconstruct client images from captured updates.")
@@ -43,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tv", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: RUN_DIR/inversion)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="entries inverted at once, one process each (default 1; 0 = one per usable core)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -84,16 +90,47 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             raise CaptureError(f"no such capture entry {missing}; known: {sorted(known)}")
         rows = [r for r in rows if r["id"] in args.entry]
+    if args.jobs < 0:
+        raise LabError(f"--jobs must be >= 0, got {args.jobs}")
     cfg = load_experiment(run_dir / "config.yaml")
-    set_threads(cfg.execution.num_threads)
     out_root = Path(args.out) if args.out else run_dir / "inversion"
-    model = build_for(cfg)
-    judge = judge_model(cfg, run_dir)
-    results = []
-    for row in rows:
-        results.append(invert_one(cfg, args, run_dir, row, model, judge, out_root / row["id"]))
+    jobs = min(args.jobs or usable_cores(), len(rows))
+    if jobs > 1:
+        from inversion.parallel import invert_parallel
+
+        results = invert_parallel(args, run_dir, rows, out_root, jobs, cfg.execution.num_threads)
+    else:
+        set_threads(cfg.execution.num_threads)
+        model = build_for(cfg)
+        judge = judge_model(cfg, run_dir)
+        results = []
+        for row in rows:
+            with entry_bar(row["id"], args.quiet) as progress:
+                results.append(invert_one(cfg, args, run_dir, row, model, judge, out_root / row["id"], progress))
     sys.stdout.write(table(results) + "\n")
     return 0
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def entry_bar(entry_id: str, quiet: bool, position: int | None = None) -> Iterator[Progress]:
+    """A progress bar for one entry's iterations and the callback that feeds it."""
+    # disable=None: no bar when stderr is not a terminal (logs, CI)
+    bar = None if quiet else tqdm(desc=f"invert {entry_id}", unit="it", leave=False, disable=None, position=position)
+
+    def progress(iteration: int, loss: float) -> None:
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(iteration - bar.n)  # tqdm throttles the redraws itself
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def judge_model(cfg: ExperimentConfig, run_dir: Path) -> torch.nn.Module | None:
@@ -108,7 +145,8 @@ def judge_model(cfg: ExperimentConfig, run_dir: Path) -> torch.nn.Module | None:
 
 
 def invert_one(cfg: ExperimentConfig, args: argparse.Namespace, run_dir: Path, row: dict[str, Any],
-               model: torch.nn.Module, judge: torch.nn.Module | None, out: Path) -> dict[str, Any]:
+               model: torch.nn.Module, judge: torch.nn.Module | None, out: Path,
+               progress: Progress | None = None) -> dict[str, Any]:
     entry = read_entry(run_dir / "captures" / row["file"])
     evidence = None
     if row.get("evidence"):
@@ -119,21 +157,11 @@ def invert_one(cfg: ExperimentConfig, args: argparse.Namespace, run_dir: Path, r
             raise CaptureError(f"{row['file']}: --labels known needs the labels, but this entry has no evidence file")
         entry = dataclasses.replace(entry, labels=evidence[1])
     num_images = args.num_images or cfg.inversion.num_images or (entry.num_examples or None)
-    # disable=None: no bar when stderr is not a terminal (logs, CI)
-    bar = None if args.quiet else tqdm(desc=f"invert {row['id']}", unit="it", leave=False, disable=None)
-
-    def progress(iteration: int, loss: float) -> None:
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            bar.update(iteration - bar.n)  # tqdm throttles the redraws itself
-
     recon = invert_entry(entry, model, attack=args.attack or cfg.inversion.attack,
                          preset=args.preset or cfg.inversion.preset, labels=labels, num_images=num_images,
                          progress=progress, iterations=args.iterations or cfg.inversion.iterations,
                          restarts=args.restarts or cfg.inversion.restarts, tv=args.tv or cfg.inversion.tv,
                          seed=args.seed)
-    if bar is not None:
-        bar.close()
     return write_outputs(cfg, row, entry, recon, evidence, judge, out)
 
 

@@ -56,6 +56,23 @@ def test_known_labels_and_a_single_entry_file(run_dir: Path) -> None:
     assert metrics["label_accuracy"] == 1.0
 
 
+def test_parallel_workers_give_the_sequential_reconstructions(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    entries = ["--entry", "round_0002/partition_001", "--entry", "round_0002/partition_003"]
+    assert main([str(run_dir), *entries, "--out", str(run_dir / "seq"), *FAST]) == 0
+    assert main([str(run_dir), *entries, "--out", str(run_dir / "par"), "--jobs", "2", *FAST]) == 0
+    table = capsys.readouterr().out
+    for entry in ("round_0002/partition_001", "round_0002/partition_003"):
+        seq = load_tensors(run_dir / "seq" / entry / "recon.safetensors")
+        par = load_tensors(run_dir / "par" / entry / "recon.safetensors")
+        assert torch.equal(seq["images"], par["images"]) and torch.equal(seq["labels"], par["labels"])
+        assert table.count(entry) == 2  # one row per run of the command
+
+
+def test_negative_jobs_exit_2(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(run_dir), "--jobs", "-1", *FAST]) == 2
+    assert "--jobs must be >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage, message", [
     ("truncate", "truncated or corrupt"),
     ("delete", "no such"),

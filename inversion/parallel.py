@@ -1,0 +1,113 @@
+"""Invert several captured updates at once, one worker process per entry.
+
+Inverting one update is a long chain of small, sequential autograd steps that one torch thread
+runs best (notes/inversion.md §5.4: under contention, extra OpenMP threads spin-wait), so the
+way to use a second core is a second entry in a second process. Each worker uses
+`execution.num_threads` threads and the same seed as the sequential path, so the outputs are
+the same as `--jobs 1`.
+
+Ctrl-C: the workers ignore SIGINT; the parent sets a shared stop flag, which each worker's
+progress callback turns into the KeyboardInterrupt the optimiser already handles (it returns the
+best iterate so far), and entries not yet started are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import multiprocessing as mp
+import queue as queue_mod
+import signal
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from lab import log as lablog
+from lab.config import load_experiment
+from lab.task import build_for, set_threads
+from inversion.cli import Progress, entry_bar, invert_one, judge_model
+
+log = logging.getLogger(__name__)
+
+_REPORT_EVERY = 0.1  # seconds between progress messages from one worker
+
+# Set in each worker by _start_worker.
+_progress_queue: Any = None
+_stop: Any = None
+
+
+def _start_worker(threads: int, progress_queue: Any, stop: Any) -> None:
+    global _progress_queue, _stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; see the module docstring
+    _progress_queue, _stop = progress_queue, stop
+    set_threads(threads)
+    lablog.configure("WARNING")
+
+
+def _invert_in_worker(args: dict[str, Any], run_dir: str, row: dict[str, Any], out: str) -> dict[str, Any] | None:
+    if _stop.is_set():
+        return None  # queued before the interrupt (the pool hands out work ahead), not started
+    cfg = load_experiment(Path(run_dir) / "config.yaml")
+    last = 0.0
+
+    def progress(iteration: int, loss: float) -> None:
+        nonlocal last
+        if _stop.is_set():
+            raise KeyboardInterrupt  # caught by the optimiser: it keeps the best iterate so far
+        now = time.monotonic()
+        if now - last >= _REPORT_EVERY:
+            last = now
+            _progress_queue.put((row["id"], iteration, loss))
+
+    return invert_one(cfg, argparse.Namespace(**args), Path(run_dir), row, build_for(cfg),
+                      judge_model(cfg, Path(run_dir)), Path(out), progress)
+
+
+def _drain(progress_queue: Any, feeds: dict[str, Progress]) -> None:
+    while True:
+        try:
+            entry, iteration, loss = progress_queue.get_nowait()
+        except queue_mod.Empty:
+            return
+        feeds[entry](iteration, loss)
+
+
+def invert_parallel(args: argparse.Namespace, run_dir: Path, rows: list[dict[str, Any]], out_root: Path,
+                    jobs: int, threads: int) -> list[dict[str, Any]]:
+    """Metrics of every entry inverted (in `rows` order); raises the first worker's error."""
+    ctx = mp.get_context("spawn")  # no fork of a process that may hold torch threads
+    progress_queue, stop = ctx.Queue(), ctx.Event()
+    futures: dict[Future[dict[str, Any] | None], str] = {}
+    with contextlib.ExitStack() as stack:
+        feeds = {row["id"]: stack.enter_context(entry_bar(row["id"], args.quiet, position=i))
+                 for i, row in enumerate(rows)}
+        pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_start_worker,
+                                                       initargs=(threads, progress_queue, stop)))
+        futures = {pool.submit(_invert_in_worker, vars(args), str(run_dir), row, str(out_root / row["id"])): row["id"]
+                   for row in rows}
+        pending: set[Future[dict[str, Any] | None]] = set(futures)
+        while pending:
+            try:
+                _, pending = wait(pending, timeout=0.2)
+                _drain(progress_queue, feeds)
+                if any(f.done() and not f.cancelled() and f.exception() is not None for f in futures):
+                    for f in pending:
+                        f.cancel()  # fail fast: entries not started yet are not worth the wait
+            except KeyboardInterrupt:
+                if stop.is_set():
+                    raise
+                log.warning("interrupted: the running entries keep their best iterate; the others are skipped")
+                stop.set()
+                for f in pending:
+                    f.cancel()
+        _drain(progress_queue, feeds)
+    for f in futures:
+        if not f.cancelled() and f.exception() is not None:
+            raise f.exception()  # type: ignore[misc]
+    results = {entry: None if f.cancelled() else f.result() for f, entry in futures.items()}
+    skipped = [entry for entry, metrics in results.items() if metrics is None]
+    if skipped:
+        log.warning("not inverted (interrupted before they started): %s", ", ".join(skipped))
+    return [metrics for metrics in results.values() if metrics is not None]
