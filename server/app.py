@@ -32,7 +32,7 @@ from server.capture import CapturePlan, CaptureUpdates
 from server.recorder import RunRecorder
 from strategies.flower import RobustFedAvg, ShiftRounds
 from strategies.registry import build_aggregator
-from strategies.types import AggregatorContext
+from strategies.types import AggregatorContext, Checkpointable
 
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -77,9 +77,18 @@ def main(grid: Grid, context: Context) -> None:
                             output_slice=layout.output_slice())
     aggregator = build_aggregator(cfg.federated.aggregator.name, dict(cfg.federated.aggregator.params), ctx)
     trigger = make_trigger(cfg.attack.trigger, *data.image_shape[1:])
-    recorder = RunRecorder(out, cfg, data, build_for(cfg, data), trigger, ground_truth(run_config, cfg))
+    stateful = aggregator if isinstance(aggregator, Checkpointable) else None
+    recorder = RunRecorder(out, cfg, data, build_for(cfg, data), trigger, ground_truth(run_config, cfg),
+                           aggregator_state=stateful.state_dict if stateful is not None else None)
     # Resume before the capture hook is built: it counts the capture bytes already written.
     done, resumed = recorder.resume() if cfg.execution.resume else (0, None)
+    if done and stateful is not None:
+        saved = recorder.aggregator_checkpoint(done)
+        if saved is None:
+            log.warning("resume: no %s state saved with round %d; its per-client history starts empty",
+                        cfg.federated.aggregator.name, done)
+        else:
+            stateful.load_state_dict(saved)
 
     def reference_update(global_flat, server_round):  # type: ignore[no-untyped-def]
         """FLTrust's server update: the same local procedure on the server's clean set."""

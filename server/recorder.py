@@ -11,6 +11,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,8 +44,12 @@ class RunRecorder:
         model: nn.Module,
         trigger: Trigger,
         malicious: frozenset[int],
+        aggregator_state: Callable[[], dict[str, Tensor]] | None = None,
     ) -> None:
+        """`aggregator_state`, for a rule that keeps state across rounds, is checkpointed with the
+        model (`checkpoints/aggregator_round_NNNN.safetensors`) so that a resumed run has it."""
         self.out_dir = out_dir
+        self.aggregator_state = aggregator_state
         self.cfg = cfg
         self.data = data
         self.model = model
@@ -78,8 +83,8 @@ class RunRecorder:
         kept = [r for r in rows if 0 < start and int(r.get("round", -1)) <= start]
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         self._drop_captures_after(start)
-        for f in out.glob("checkpoints/round_*.safetensors"):
-            m = re.fullmatch(r"round_(\d+)\.safetensors", f.name)
+        for f in out.glob("checkpoints/*round_*.safetensors"):
+            m = re.fullmatch(r"(?:aggregator_)?round_(\d+)\.safetensors", f.name)
             if m and int(m.group(1)) > start:
                 f.unlink()
         if start == 0:
@@ -91,6 +96,11 @@ class RunRecorder:
         self._round_started = time.time()
         log.info("resume: continuing %s after round %d", out, start)
         return start, load_tensors(out / "checkpoints" / f"round_{start:04d}.safetensors")
+
+    def aggregator_checkpoint(self, server_round: int) -> dict[str, Tensor] | None:
+        """The rule's state saved with round `server_round`'s model, if it was saved."""
+        path = self.out_dir / "checkpoints" / f"aggregator_round_{server_round:04d}.safetensors"
+        return load_tensors(path) if path.exists() else None
 
     def _drop_captures_after(self, start: int) -> None:
         captures = self.out_dir / "captures"
@@ -132,6 +142,10 @@ class RunRecorder:
         append_jsonl(self.out_dir / "metrics.jsonl", row)
         every = self.cfg.execution.checkpoint_every
         if server_round > 0 and (server_round % every == 0 or server_round == self.cfg.training.rounds):
+            if self.aggregator_state is not None:
+                # Before the model: a model checkpoint (what resume looks for) implies this file.
+                save_tensors(self.out_dir / "checkpoints" / f"aggregator_round_{server_round:04d}.safetensors",
+                             self.aggregator_state(), {"round": str(server_round)})
             save_tensors(self.out_dir / "checkpoints" / f"round_{server_round:04d}.safetensors", state,
                          {"round": str(server_round)})
         asr = "-" if ev.asr is None else f"{ev.asr:.3f}"

@@ -7,6 +7,7 @@ Knowledge-Based Systems 2023 (arXiv:2207.00872; code: najeebjebreel/FL-Defender)
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -14,7 +15,7 @@ from torch import Tensor
 from lab.errors import AggregationError, ConfigError
 from strategies.foolsgold import EPS, cosine_matrix
 from strategies.robust import require_clients
-from strategies.types import Aggregate, AggregatorContext, RoundInfo
+from strategies.types import Aggregate, AggregatorContext, RoundInfo, history_from_state, history_state
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,12 @@ class FLDefender:
         self.q = float(percentile) / 100.0
         self.features = ctx.output_slice
         self.history: dict[int, float] = {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return history_state({cid: torch.tensor([h], dtype=torch.float64) for cid, h in self.history.items()})
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.history = {cid: float(h.item()) for cid, h in history_from_state(state).items()}
 
     def __call__(self, updates: Tensor, info: RoundInfo) -> Aggregate:
         """`updates` is (n, d). Raises AggregationError for n < 3 or duplicate client ids."""

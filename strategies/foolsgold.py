@@ -8,6 +8,7 @@ down-weighted.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from lab.errors import AggregationError, ConfigError
 from strategies.robust import require_clients
-from strategies.types import Aggregate, AggregatorContext, RoundInfo
+from strategies.types import Aggregate, AggregatorContext, RoundInfo, history_from_state, history_state
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,12 @@ class FoolsGold:
         if self.features is None:
             log.info("foolsgold: no output-layer slice; keeping full-update histories per client")
         self.history: dict[int, Tensor] = {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return history_state(self.history)
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.history = history_from_state(state)
 
     def __call__(self, updates: Tensor, info: RoundInfo) -> Aggregate:
         """`updates` is (n, d). Raises AggregationError on no clients or duplicate client ids."""

@@ -3,10 +3,11 @@ rule's per-client decisions out."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from lab.records import ParamLayout
@@ -47,3 +48,25 @@ class AggregatorContext:
 
 class Aggregator(Protocol):
     def __call__(self, updates: Tensor, info: RoundInfo) -> Aggregate: ...
+
+
+@runtime_checkable
+class Checkpointable(Protocol):
+    """A rule whose decisions depend on earlier rounds (FoolsGold, FL-Defender keep per-client
+    histories). The server checkpoints `state_dict()` beside the model so that a resumed run
+    continues with the history, not an empty one."""
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None: ...
+
+
+def history_state(history: Mapping[int, Tensor]) -> dict[str, Tensor]:
+    """Per-client history -> flat tensors named "history.<client id>"."""
+    return {f"history.{cid}": value for cid, value in history.items()}
+
+
+def history_from_state(state: Mapping[str, Tensor]) -> dict[int, Tensor]:
+    """Inverse of `history_state` (float64, the precision the rules accumulate in)."""
+    return {int(key.removeprefix("history.")): value.to(torch.float64)
+            for key, value in state.items() if key.startswith("history.")}

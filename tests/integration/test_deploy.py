@@ -233,8 +233,10 @@ def strip(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    capture = ["capture.enabled=true", "capture.rounds=[1,2,3,4]", "capture.clients=all"]
+@pytest.mark.parametrize("rule", ["fedavg", "foolsgold"])  # foolsgold: per-client history across rounds
+def test_resume_reproduces_the_uninterrupted_run(rule: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    capture = ["capture.enabled=true", "capture.rounds=[1,2,3,4]", "capture.clients=all",
+               f"federated.aggregator={{name: {rule}, params: {{}}}}"]
     full = tmp_path / "full"
     run_in_process({"experiment-text": smoke(*capture), "output-dir": str(full)}, 4)
 
@@ -269,7 +271,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, monkeypatch: py
     assert strip(got) == strip(want)
     a, b = load_tensors(out / "final.safetensors"), load_tensors(full / "final.safetensors")
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in b)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"round_000{i}.safetensors" for i in (1, 2, 3, 4)]
+    saved = [f"round_000{i}.safetensors" for i in (1, 2, 3, 4)]
+    if rule == "foolsgold":
+        saved += [f"aggregator_round_000{i}.safetensors" for i in (1, 2, 3, 4)]
+        history = load_tensors(out / "checkpoints" / "aggregator_round_0004.safetensors")
+        assert sorted(history) == [f"history.{p}" for p in range(4)]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(saved)
     manifest = read_jsonl(out / "captures" / "manifest.jsonl")
     assert sorted((e["round"], e["partition_id"]) for e in manifest) == [(r, p) for r in (1, 2, 3, 4) for p in range(4)]
     assert not list(out.rglob("*.tmp"))

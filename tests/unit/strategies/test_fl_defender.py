@@ -76,3 +76,17 @@ def test_permutation_equivariant() -> None:
     a = FLDefender(ctx(7))(u, info(tuple(range(7))))
     b = FLDefender(ctx(7))(u[perm], info(tuple(perm.tolist())))
     assert torch.allclose(a.update, b.update, atol=1e-5)
+
+
+def test_state_dict_round_trip_continues_the_history() -> None:
+    """A rule rebuilt from its checkpointed state (execution.resume) decides as the original."""
+    rounds = [honest_and_flipped(4, 2, seed) for seed in range(3)]
+    ids = (0, 1, 2, 3, 4, 5)
+    original = FLDefender(ctx(6))
+    for u in rounds[:2]:
+        original(u, info(ids))
+    restored, fresh = FLDefender(ctx(6)), FLDefender(ctx(6))
+    restored.load_state_dict(original.state_dict())
+    want = original(rounds[2], info(ids))
+    assert torch.equal(restored(rounds[2], info(ids)).weights, want.weights)
+    assert not torch.equal(fresh(rounds[2], info(ids)).weights, want.weights)  # the history matters

@@ -105,3 +105,16 @@ def test_permutation_equivariant(n: int, seed: int) -> None:
     a = FoolsGold(ctx(n))(u, info(ids))
     b = FoolsGold(ctx(n))(u[perm], info(tuple(perm.tolist())))
     assert torch.allclose(a.update, b.update, atol=1e-5)
+
+
+def test_state_dict_round_trip_keeps_the_histories() -> None:
+    fg = FoolsGold(ctx(3, out=slice(0, 2)))
+    u1 = torch.tensor([[1.0, 0.0, 9.0, 9.0], [0.0, 1.0, 9.0, 9.0], [1.0, 1.0, 9.0, 9.0]])
+    fg(u1, info((5, 6, 7)))
+    state = fg.state_dict()
+    assert sorted(state) == ["history.5", "history.6", "history.7"]
+    restored = FoolsGold(ctx(3, out=slice(0, 2)))
+    restored.load_state_dict(state)
+    u2 = torch.tensor([[1.0, 0.1, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    assert torch.equal(restored(u2, info((5, 6, 7), 2)).weights, fg(u2, info((5, 6, 7), 2)).weights)
+    assert torch.allclose(restored.history[5], torch.tensor([2.0, 0.1], dtype=torch.float64))
