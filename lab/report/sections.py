@@ -1,40 +1,19 @@
-"""`fl-lab report FOLDER`: the experiment report, as Markdown and as one self-contained HTML file.
-
-    fl-lab report runs/default            # one run
-    fl-lab report runs/demo               # a folder of runs (the demo: FedAvg, a defense, no attack)
-    fl-lab report runs/sweeps/defenses    # a sweep folder (results.md + every run under runs/)
-
-Reads only what the tools wrote (config.yaml, metrics.jsonl, summary.json, inversion/*/metrics.json
-and recon.png, verification.json, unlearning/metrics.json, the demo's demo.json) and writes
-FOLDER/report.md, FOLDER/report.html (images embedded as base64 data URIs, so the file opens in a
-browser with no server) and FOLDER/plots/*.png. Every section is always present; one whose inputs
-are missing says so, so a reader never wonders whether it was forgotten.
-"""
+"""The report's sections: each reads the collected runs and returns its blocks; one whose inputs
+are missing says so."""
 
 from __future__ import annotations
 
-import argparse
-import base64
 import csv
-import html
-import importlib.metadata
 import json
 import logging
-import os
-import platform
 import shutil
-import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lab import log as lablog
-from lab.artifacts import atomic_write_text, read_jsonl
-from lab.errors import LabError
+from lab.report.blocks import Block, Code, Image, Para, Table
+from lab.report.collection import Collection, Run, environment
+from lab.report.figures import plot_detection, plot_norms, plot_rounds, plot_unlearning
 
 log = logging.getLogger(__name__)
 
@@ -55,259 +34,6 @@ REQUIRED = (HEADLINE, ROUNDS, NORMS, DETECTION, RECON, UNLEARNING, CONFIG, REPRO
 TRIGGER_CONTRAST = 0.2
 NORM_PANELS = 12  # at most this many runs get an update-norm panel (sweeps have dozens)
 
-
-# ------------------------------------------------------------------------------------------
-# The blocks a section is made of, rendered to both Markdown and HTML.
-
-
-@dataclass(frozen=True)
-class Para:
-    text: str
-
-
-@dataclass(frozen=True)
-class Table:
-    head: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
-
-
-@dataclass(frozen=True)
-class Image:
-    path: Path  # inside the report folder
-    caption: str
-
-
-@dataclass(frozen=True)
-class Code:
-    text: str
-    title: str = ""
-
-
-Block = Para | Table | Image | Code
-
-
-@dataclass
-class Run:
-    """One run folder, read back."""
-
-    path: Path
-    label: str
-    config: dict[str, Any]
-    config_text: str
-    summary: dict[str, Any]
-    rounds: list[dict[str, Any]]  # metrics.jsonl without round 0
-    role: str | None = None
-    floor: float | None = None
-
-    @property
-    def rule(self) -> str:
-        return str(self.summary.get("strategy") or self.config.get("federated", {}).get("aggregator", {}).get("name"))
-
-    @property
-    def attack(self) -> dict[str, Any]:
-        return dict(self.config.get("attack") or {})
-
-    @property
-    def attacked(self) -> bool:
-        return self.attack.get("type", "none") != "none"
-
-    @property
-    def attack_label(self) -> str:
-        a = self.attack
-        if not self.attacked:
-            return "no attack"
-        text = str(a.get("type"))
-        if a.get("boost") not in (None, 1, 1.0):
-            text += f", boost {a['boost']}"
-        if a.get("norm_bound") is not None:
-            text += f", norm bound {a['norm_bound']}"
-        return text
-
-
-@dataclass
-class Collection:
-    folder: Path
-    runs: list[Run]
-    kind: str  # "run" | "runs" | "sweep"
-    demo: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def primary(self) -> Run:
-        """The run the offline tools worked on (inversion / unlearning), else the first."""
-        for r in self.runs:
-            if (r.path / "inversion").is_dir() or (r.path / "unlearning").is_dir():
-                return r
-        return self.runs[0]
-
-    def role(self, name: str) -> Run | None:
-        return next((r for r in self.runs if r.role == name), None)
-
-
-# ------------------------------------------------------------------------------------------
-# Reading
-
-
-def _read_run(path: Path, label: str, role: str | None = None) -> Run:
-    text = (path / "config.yaml").read_text()
-    summary_path = path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    rounds = [r for r in read_jsonl(path / "metrics.jsonl") if r.get("round", 0) > 0]
-    return Run(path, label, yaml.safe_load(text) or {}, text, summary, rounds, role)
-
-
-def _is_run(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file()
-
-
-def collect(folder: Path) -> Collection:
-    """The runs of a run folder, a demo folder or a sweep folder.
-
-    Raises:
-        LabError: no run found under `folder`.
-    """
-    if _is_run(folder):
-        run = _read_run(folder, "")
-        run.label = run.rule
-        col = Collection(folder, [run], "run")
-    else:
-        demo = json.loads((folder / "demo.json").read_text()) if (folder / "demo.json").exists() else {}
-        if demo:
-            runs = [_read_run(folder / r["dir"], r["label"], r["role"]) for r in demo["runs"] if _is_run(folder / r["dir"])]
-        else:
-            found = sorted(p.parent for p in folder.glob("**/metrics.jsonl")
-                           if not any(part.startswith(".") for part in p.relative_to(folder).parts)
-                           and _is_run(p.parent))
-            runs = [_read_run(p, p.relative_to(folder).as_posix()) for p in found]
-        if not runs:
-            raise LabError(f"{folder}: no run folder (config.yaml + metrics.jsonl) here or below")
-        sweep = (folder / "results.csv").exists() or (folder / "runs").is_dir()
-        col = Collection(folder, runs, "sweep" if sweep and not demo else "runs", demo)
-    _fill_floors(col.runs)
-    return col
-
-
-def _fill_floors(runs: list[Run]) -> None:
-    """ASR floor per run: summary.json's, else the no-attack run of the same rule (and seed), else FedAvg's."""
-    clean: dict[tuple[str, Any], float] = {}
-    for r in runs:
-        if not r.attacked and r.summary.get("final_asr") is not None:
-            clean.setdefault((r.rule, r.config.get("training", {}).get("seed")), r.summary["final_asr"])
-    any_clean = next(iter(clean.values()), None)
-    for r in runs:
-        seed = r.config.get("training", {}).get("seed")
-        r.floor = r.summary.get("asr_floor")
-        if r.floor is None:
-            r.floor = clean.get((r.rule, seed), clean.get(("fedavg", seed), any_clean))
-
-
-# ------------------------------------------------------------------------------------------
-# Plots (matplotlib Agg via lab.plots, which sets the backend)
-
-
-def _plt() -> Any:
-    from lab.plots import plt  # the Agg backend is chosen there
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in fig.axes:
-        if ax.get_xlabel() == "round":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    _plt().close(fig)
-    return path
-
-
-def plot_rounds(runs: list[Run], path: Path) -> Path:
-    """Clean accuracy and ASR per round, one line per run (no-attack runs dashed)."""
-    plt = _plt()
-    fig, (ax_acc, ax_asr) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    for r in runs:
-        xs = [m["round"] for m in r.rounds]
-        style = "--" if not r.attacked else "-"
-        ax_acc.plot(xs, [m["accuracy"] for m in r.rounds], style, label=r.label)
-        ax_asr.plot(xs, [m["asr"] if m.get("asr") is not None else float("nan") for m in r.rounds], style, label=r.label)
-    ax_acc.set(title="clean accuracy", xlabel="round", ylim=(0, 1.02))
-    ax_asr.set(title="attack success rate (ASR)", xlabel="round", ylim=(-0.02, 1.02))
-    ax_asr.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def plot_norms(runs: list[Run], path: Path) -> Path:
-    """Every client's update norm per round, attackers in red; hollow markers = dropped by the rule."""
-    plt = _plt()
-    cols = min(3, len(runs))
-    rows = (len(runs) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, sharey=True)
-    for ax, r in zip(axes.flat, runs):
-        pts: dict[tuple[bool, bool], tuple[list[int], list[float]]] = {}
-        for m in r.rounds:
-            attackers = {str(p) for p in m.get("malicious") or []}
-            out = {str(p) for p in m.get("dropped") or []}
-            for pid, norm in (m.get("update_norms") or {}).items():
-                if norm is None or norm <= 0:  # log scale
-                    continue
-                xs, ys = pts.setdefault((pid in attackers, pid in out), ([], []))
-                xs.append(m["round"])
-                ys.append(norm)
-        for (bad, dropped), (xs, ys) in sorted(pts.items()):
-            color = "tab:red" if bad else "tab:blue"
-            ax.scatter(xs, ys, s=14, marker="^" if bad else "o", alpha=0.75,
-                       facecolors="none" if dropped else color, edgecolors=color,
-                       label=f"{'attacker' if bad else 'honest'}{', dropped' if dropped else ''}")
-        ax.set(title=r.label, xlabel="round", yscale="log")
-        ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(runs):]:
-        ax.axis("off")
-    axes[0][0].set_ylabel("update norm ||client - global||")
-    return _save(fig, path)
-
-
-def plot_detection(runs: list[Run], path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for r in runs:
-        xs = [m["round"] for m in r.rounds if (m.get("detection") or {}).get("f1") is not None]
-        ys = [m["detection"]["f1"] for m in r.rounds if (m.get("detection") or {}).get("f1") is not None]
-        ax.plot(xs, ys, marker=".", label=r.label)
-    ax.set(title="detection F1 per round (the rule's drops vs the true attackers)", xlabel="round",
-           ylabel="F1", ylim=(-0.02, 1.02))
-    ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def plot_unlearning(m: dict[str, Any], floor: float | None, path: Path) -> Path:
-    """Accuracy and ASR before unlearning and after each strategy (the oracle hatched)."""
-    plt = _plt()
-    names = ["before", *m["after"]]
-    vals = [m["before"], *m["after"].values()]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in ((axes[0], "accuracy", "clean accuracy"), (axes[1], "asr", "ASR")):
-        heights = [v.get(key) or 0.0 for v in vals]
-        bars = ax.bar(range(len(names)), heights, color=["tab:gray"] + ["tab:green"] * (len(names) - 1))
-        for bar, v in zip(bars, vals):
-            if v.get("oracle"):
-                bar.set_hatch("//")
-                bar.set_facecolor("white")
-                bar.set_edgecolor("tab:green")
-        for i, h in enumerate(heights):
-            ax.text(i, h + 0.01, f"{h:.3f}", ha="center", fontsize=7)
-        if key == "asr" and floor is not None:
-            ax.axhline(floor, color="black", linestyle=":", label=f"floor {floor:.3f}")
-            ax.legend(fontsize=7)
-        ax.set_xticks(range(len(names)), [n + (" (oracle)" if v.get("oracle") and "oracle" not in n else "") for n, v in zip(names, vals)],
-                      rotation=20, fontsize=7)
-        ax.set(title=f"{title}: before / after unlearning", ylim=(0, 1.1))
-    return _save(fig, path)
-
-
-# ------------------------------------------------------------------------------------------
-# Sections
 
 
 def _f(value: Any, spec: str = ".3f") -> str:
@@ -561,29 +287,6 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def environment() -> dict[str, Any]:
-    """Versions and hardware of this machine (the one that ran the demo, or that wrote this report)."""
-    def version(pkg: str) -> str:
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    cpu = platform.processor() or "unknown"
-    mem = None
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), cpu)
-        kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
-        mem = round(kb / 2**20, 1)
-    except (OSError, StopIteration, ValueError):
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"python": platform.python_version(), "torch": version("torch"), "flwr": version("flwr"),
-            "numpy": version("numpy"), "matplotlib": version("matplotlib"), "platform": platform.platform(),
-            "cpu": cpu, "cpu_cores": os.cpu_count(), "usable_cores": usable, "memory_gib": mem}
-
-
 def repro_section(col: Collection) -> list[Block]:
     env = col.demo.get("environment") or environment()
     where = "the machine that ran the demo" if col.demo.get("environment") else "the machine that wrote this report"
@@ -627,8 +330,6 @@ def _guarded(fn: Any, col: Collection, plots: Path) -> list[Block]:
         return [Para(f"(this section could not be drawn: {exc!r})")]
 
 
-# ------------------------------------------------------------------------------------------
-# Rendering
 
 
 def title_of(col: Collection) -> str:
@@ -637,96 +338,3 @@ def title_of(col: Collection) -> str:
     return "FL Security Lab demo" if col.demo else kinds[col.kind]
 
 
-def to_markdown(title: str, sections: list[tuple[str, list[Block]]], root: Path) -> str:
-    out = [f"# {title}", ""]
-    for heading, blocks in sections:
-        out += [f"## {heading}", ""]
-        for b in blocks:
-            if isinstance(b, Para):
-                out += [b.text, ""]
-            elif isinstance(b, Table):
-                out.append("| " + " | ".join(_cell(h) for h in b.head) + " |")
-                out.append("|" + "---|" * len(b.head))
-                out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in b.rows]
-                out.append("")
-            elif isinstance(b, Image):
-                out += [f"![{b.caption}]({b.path.relative_to(root).as_posix()})", "", f"*{b.caption}*", ""]
-            elif isinstance(b, Code):
-                out += ([f"`{b.title}`", ""] if b.title else []) + ["```yaml", b.text.rstrip(), "```", ""]
-    return "\n".join(out)
-
-
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1180px;margin:2em auto;
-padding:0 1em;color:#222}h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:1em 0;font-size:.9em}td,th{border:1px solid #bbb;padding:.3em .6em;
-text-align:left}th{background:#eee}figure{margin:1em 0}img{max-width:100%;border:1px solid #ddd}
-figcaption{font-size:.85em;color:#555}pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}
-nav a{margin-right:1em}.no{color:#b00;font-weight:bold}.yes{color:#070;font-weight:bold}"""
-
-
-def to_html(title: str, sections: list[tuple[str, list[Block]]]) -> str:
-    """One self-contained page: inline CSS, every image a base64 data URI, no script, no links out."""
-    e = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
-           f"<style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>",
-           "<nav>" + "".join(f'<a href="#s{i}">{e(h)}</a>' for i, (h, _) in enumerate(sections)) + "</nav>"]
-    for i, (heading, blocks) in enumerate(sections):
-        out.append(f'<section id="s{i}"><h2>{e(heading)}</h2>')
-        for b in blocks:
-            if isinstance(b, Para):
-                out.append(f"<p>{e(b.text)}</p>")
-            elif isinstance(b, Table):
-                out.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in b.head) + "</tr></thead><tbody>")
-                for row in b.rows:
-                    out.append("<tr>" + "".join(_td(c) for c in row) + "</tr>")
-                out.append("</tbody></table>")
-            elif isinstance(b, Image):
-                data = base64.b64encode(b.path.read_bytes()).decode("ascii")
-                out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(b.caption)}">'
-                           f"<figcaption>{e(b.caption)}</figcaption></figure>")
-            elif isinstance(b, Code):
-                out.append((f"<p><code>{e(b.title)}</code></p>" if b.title else "") + f"<pre>{e(b.text)}</pre>")
-        out.append("</section>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
-def _td(text: str) -> str:
-    cls = {"yes": ' class="yes"', "NO": ' class="no"'}.get(text, "")
-    return f"<td{cls}>{html.escape(str(text))}</td>"
-
-
-def write_report(folder: Path) -> tuple[Path, Path]:
-    """Write FOLDER/report.md, report.html and plots/*.png; returns the two report paths.
-
-    Raises:
-        LabError: no run under `folder`.
-    """
-    folder = folder.resolve()
-    col = collect(folder)
-    plots = folder / "plots"
-    sections = build(col, plots)
-    title = title_of(col)
-    md, page = folder / "report.md", folder / "report.html"
-    atomic_write_text(md, to_markdown(title, sections, folder))
-    atomic_write_text(page, to_html(title, sections))
-    return md, page
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fl-lab report", description="Markdown + self-contained HTML report of a run, "
-                                "a folder of runs (the demo) or a sweep folder.")
-    p.add_argument("folder", help="a run folder, a demo folder or a sweep folder")
-    args = p.parse_args(argv)
-    lablog.configure("WARNING")
-    try:
-        md, page = write_report(Path(args.folder))
-    except LabError as exc:
-        sys.stderr.write(f"report: {exc}\n")
-        return 2
-    sys.stdout.write(f"wrote {md}\nwrote {page}\nplots in {md.parent / 'plots'}\n")
-    return 0
