@@ -40,7 +40,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="experiments/default.yaml")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--isolation", nargs="+", default=["subprocess"], choices=deploy.ISOLATIONS)
+    parser.add_argument("--isolation", nargs="+", default=["process"], choices=deploy.ISOLATIONS)
     parser.add_argument("--no-sim", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "deploy.json"))
     args = parser.parse_args()

@@ -308,7 +308,7 @@ def wait_nodes(dep: Deployment, count: int, timeout: float) -> None:
 
 
 def up(folder: Path, nodes: int, malicious: int, tls: bool = True, auth: bool = True,
-       isolation: str = "subprocess", timeout: float = 180.0) -> Deployment:
+       isolation: str = "process", timeout: float = 180.0) -> Deployment:
     """Start a SuperLink and `nodes` SuperNodes on loopback; returns once all are connected.
 
     Raises:

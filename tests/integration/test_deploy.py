@@ -90,15 +90,22 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[deploy.Depl
 def test_up_secures_and_records_everything(deployment: deploy.Deployment) -> None:
     dep = deployment
     assert dep.tls and dep.auth and dep.malicious == [2] and dep.address.startswith("127.0.0.1:")
-    names = [p.name for p in dep.processes]
-    assert names == ["superlink", "supernode-0", "supernode-1", "supernode-2"]
+    by_name = {p.name: p for p in dep.processes}
+    # process isolation (the default): an app executor beside the SuperLink and beside each SuperNode
+    assert [p.name for p in dep.processes] == [
+        "superlink", "superexec-serverapp", *(f"{kind}-{i}" for i in range(3) for kind in ("supernode", "superexec-clientapp"))]
     assert all(deploy.alive(p) and Path(p.log).exists() for p in dep.processes)
-    link = " ".join(dep.processes[0].cmd)
+    link = " ".join(by_name["superlink"].cmd)
     assert "--enable-supernode-auth" in link and "--ssl-certfile" in link and "--insecure" not in link
-    for p in dep.processes[1:]:
-        assert "--root-certificates" in p.cmd and "--auth-supernode-private-key" in p.cmd
-        assert "--insecure" not in p.cmd
-    assert "malicious=true" in dep.processes[3].cmd[-1] and "malicious=false" in dep.processes[1].cmd[-1]
+    assert "--isolation process" in link
+    # the ServerApp executor reaches the SuperLink's ServerAppIo API over TLS too
+    assert "--root-certificates" in by_name["superexec-serverapp"].cmd
+    for i in range(3):
+        node = by_name[f"supernode-{i}"].cmd
+        assert "--root-certificates" in node and "--auth-supernode-private-key" in node and "--insecure" not in node
+        assert f"malicious={'true' if i == 2 else 'false'}" in node[-1]
+        # the ClientApp executor talks to its own SuperNode on loopback, at the port the node serves
+        assert by_name[f"superexec-clientapp-{i}"].cmd[-1] == f"{deploy.HOST}:{node[node.index('--port') + 1]}"
     toml = (dep.flwr_home / "config.toml").read_text()
     assert 'root-certificates = "' in toml and "insecure = false" in toml
     assert len(deploy.online_nodes(dep)) == 3
@@ -153,8 +160,9 @@ def test_serverapp_killed_mid_run_resumes_without_losing_or_repeating_a_round(
     try:
         wait_for(lambda: 1 in rounds_logged(out) or first.poll() is not None, 400, "round 1")
         assert first.poll() is None, (tmp_path / "first.log").read_text()
-        serverapps = descendants_named(dep, "superlink", "flwr-serverapp")
-        assert serverapps, "no flwr-serverapp process under our SuperLink"
+        # process isolation: flwr-serverapp runs under the ServerApp executor, not the SuperLink
+        serverapps = descendants_named(dep, "superexec-serverapp", "flwr-serverapp")
+        assert serverapps, "no flwr-serverapp process under our ServerApp executor"
         for pid in serverapps:
             os.kill(pid, signal.SIGKILL)
         run_id = re.search(r"Successfully started run (\d+)", (out / "flwr.log").read_text()).group(1)
@@ -181,9 +189,11 @@ def test_smoke_with_capture_and_a_supernode_killed_in_round_2(deployment: deploy
                        "--set", *SMOKE, log=tmp_path / "run.log")
     try:
         wait_for(lambda: 1 in rounds_logged(out) or run.poll() is not None, 400, "round 1")
-        victim = dep.processes[1]  # supernode-0, honest: the machine dies with its ClientApp
-        assert victim.name == "supernode-0" and deploy.alive(victim)
-        os.killpg(victim.pid, signal.SIGKILL)
+        # supernode-0 is honest; the machine dies with its ClientApp executor
+        victims = [p for p in dep.processes if p.name in ("supernode-0", "superexec-clientapp-0")]
+        assert len(victims) == 2 and all(deploy.alive(v) for v in victims)
+        for victim in victims:
+            os.killpg(victim.pid, signal.SIGKILL)
         # Flower answers for a vanished node once it misses its heartbeats (2 x 30 s).
         assert run.wait(400) == 0, (tmp_path / "run.log").read_text()
     finally:
