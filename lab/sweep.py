@@ -15,7 +15,8 @@ section, and its optional `label` names it in the tables:
 
 Writes `results.csv`, `results.md` (one row per setting: clean accuracy, ASR, ASR floor, detection
 F1, seconds per round, averaged over seeds with their spread) and `plots/*.png`. Finished runs are
-kept: re-running the sweep skips every run folder that already has its summary.json.
+kept: re-running the sweep skips every run folder that already has its summary.json and was run
+with the same training config (`same_run`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,17 @@ from typing import Any
 import yaml
 
 from lab.artifacts import atomic_write_text, read_jsonl
-from lab.config import AttackConfig, ExperimentConfig, dump_yaml, load_experiment, read_yaml, to_dict
+from lab.config import (
+    AttackConfig,
+    CaptureConfig,
+    ExperimentConfig,
+    InversionConfig,
+    UnlearningConfig,
+    dump_yaml,
+    load_experiment,
+    read_yaml,
+    to_dict,
+)
 from lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -134,13 +145,38 @@ def run_sweep(
         summary_path = run_dir / "summary.json"
         if on_start is not None:
             on_start(i, len(settings), setting)
-        if not summary_path.exists():
+        if not summary_path.exists() or not same_run(run_dir, setting.cfg):
             runner(setting.cfg, run_dir)
         summary = json.loads(summary_path.read_text())
         rows.append(result_row(setting, summary, read_jsonl(run_dir / "metrics.jsonl"), run_dir))
     fill_floors(rows)
     write_results(out, name, rows)
     return rows
+
+
+def same_run(run_dir: Path, cfg: ExperimentConfig) -> bool:
+    """Did the finished run in `run_dir` train exactly what `cfg` asks for?
+
+    A base experiment edited since (say, a capture probe added to default.yaml) makes an old
+    result stale: it is run again rather than silently mixed into the table. The offline tools'
+    sections (inversion, unlearning) do not change the Flower run, and neither does the rest of
+    `capture` while capture is off.
+    """
+    try:
+        done = load_experiment(run_dir / "config.yaml")
+    except (ConfigError, OSError):
+        return False
+    if _training_identity(done) == _training_identity(cfg):
+        return True
+    log.warning("%s: finished with a different config; running it again", run_dir.name)
+    return False
+
+
+def _training_identity(cfg: ExperimentConfig) -> str:
+    cfg = dataclasses.replace(cfg, inversion=InversionConfig(), unlearning=UnlearningConfig())
+    if not cfg.capture.enabled:
+        cfg = dataclasses.replace(cfg, capture=CaptureConfig())
+    return _identity(cfg)
 
 
 def _identity(cfg: ExperimentConfig) -> str:

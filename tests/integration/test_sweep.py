@@ -51,6 +51,14 @@ def test_sweep_runs_the_grid_once_and_writes_the_table_and_plots(tmp_path: Path)
     assert (tmp_path / "out/plots/asr_vs_poison_ratio.png").exists()
     run_sweep(sweep, tmp_path / "out", runner)
     assert len(calls) == 6  # finished runs are reused
+    # Offline-tool settings do not change the Flower run: still reused.
+    sweep.write_text(SWEEP.replace("overrides: [", "overrides: [unlearning.lr=0.05, inversion.iterations=7, "))
+    run_sweep(sweep, tmp_path / "out", runner)
+    assert len(calls) == 6
+    # A base experiment that now trains differently makes every finished run stale.
+    sweep.write_text(SWEEP.replace("training.rounds=1", "training.rounds=2"))
+    run_sweep(sweep, tmp_path / "out", runner)
+    assert len(calls) == 12
 
 
 def test_bad_sweeps_report_every_problem(tmp_path: Path) -> None:
