@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -248,8 +249,14 @@ def prepare_run_dir(cfg: ExperimentConfig, out_dir: Path) -> Path:
     (execution.resume) keeps the metrics the interrupted one wrote."""
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("summary.json",) if cfg.execution.resume else ("metrics.jsonl", "summary.json"):
-        (out_dir / stale).unlink(missing_ok=True)
+    (out_dir / "summary.json").unlink(missing_ok=True)
+    if not cfg.execution.resume:
+        # A new run in an old folder: what the earlier run (and the tools after it) wrote would
+        # otherwise sit beside the new results. Only our own artifacts are removed.
+        for stale in ("metrics.jsonl", "final.safetensors", "verification.json"):
+            (out_dir / stale).unlink(missing_ok=True)
+        for folder in ("checkpoints", "captures", "inversion", "unlearning"):
+            shutil.rmtree(out_dir / folder, ignore_errors=True)
     atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
     return out_dir
 
