@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from lab.config import ExperimentConfig, load_experiment
 from lab.errors import CaptureError, LabError
 from lab.metrics import predict
 from lab.plots import image_grid
-from lab.task import build_for, load_state, set_threads
+from lab.task import build_for, load_state, set_threads, usable_cores
 from lab.triggers import make_trigger
 from inversion.attacks import ATTACKS, invert_entry
 from inversion.metrics import score
@@ -109,10 +108,6 @@ def run(args: argparse.Namespace) -> int:
                 results.append(invert_one(cfg, args, run_dir, row, model, judge, out_root / row["id"], progress))
     sys.stdout.write(table(results) + "\n")
     return 0
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @contextlib.contextmanager

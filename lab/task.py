@@ -8,7 +8,7 @@ transform; the loop itself is never forked.
 from __future__ import annotations
 
 import hashlib
-
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -74,6 +74,11 @@ def derive_seed(*parts: int | str) -> int:
 
 def generator(*parts: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def set_threads(num_threads: int) -> None:

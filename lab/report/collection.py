@@ -15,6 +15,7 @@ import yaml
 
 from lab.artifacts import read_jsonl
 from lab.errors import LabError
+from lab.task import usable_cores
 
 
 @dataclass
@@ -148,9 +149,8 @@ def environment() -> dict[str, Any]:
         mem = round(kb / 2**20, 1)
     except (OSError, StopIteration, ValueError):
         pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"python": platform.python_version(), "torch": version("torch"), "flwr": version("flwr"),
             "numpy": version("numpy"), "matplotlib": version("matplotlib"), "platform": platform.platform(),
-            "cpu": cpu, "cpu_cores": os.cpu_count(), "usable_cores": usable, "memory_gib": mem}
+            "cpu": cpu, "cpu_cores": os.cpu_count(), "usable_cores": usable_cores(), "memory_gib": mem}
 
 
