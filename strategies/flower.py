@@ -58,7 +58,7 @@ class RoundDecisions:
             "train_loss": self.train_loss,
             "aggregate_seconds": self.aggregate_seconds,
             "skipped": self.skipped,
-            **{f"agg.{k}": v for k, v in self.stats.items()},
+            **self.stats,  # the rules name their statistics "agg.<name>" themselves
         }
 
 
@@ -152,7 +152,7 @@ class RobustFedAvg(FedAvg):
         decisions.train_loss = float(sum(losses) / len(losses)) if losses else None
         self._record(decisions, agg)
         self._emit(decisions)
-        metrics = MetricRecord({"num-valid": len(examples), **{f"agg.{k}": float(v) for k, v in agg.stats.items()}})
+        metrics = MetricRecord({"num-valid": len(examples), **{k: float(v) for k, v in agg.stats.items()}})
         return ArrayRecord(new_state), metrics
 
     # ----------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ class Aggregate:
     clipped: Tensor | None = None  # (n_clients,) bool
     weights: Tensor | None = None  # (n_clients,) effective weight of each client in `update`
     scores: Tensor | None = None  # (n_clients,) the rule's own score (Krum score, trust, ...)
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)  # named "agg.<name>": metrics.jsonl keys as they are
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,10 @@ def test_rule_runs_a_federation(rule: str, tmp_path: Path) -> None:
     for r in rows[1:]:
         assert math.isfinite(r["accuracy"]) and r["skipped"] is None
         assert len(r["clients"]) == 5
+        # the rule's own statistics, under the names it gave them
+        assert not any(k.startswith("agg.agg.") for k in r)
+        if rule == "clip-avg":
+            assert r["agg.bound"] > 0
         if rule in PER_CLIENT:
             decided = (r["kept"] is not None) or (r["clipped"] is not None)
             assert decided, r
