@@ -173,8 +173,8 @@ def _deploy_parser(sub: Any) -> None:
                     help="SuperNode authentication with per-node keys (default: on; needs TLS)")
     up.add_argument("--isolation", choices=("subprocess", "process"), default="process",
                     help="process (default): the apps run under separate flower-superexec processes, as in "
-                         "compose.yaml (measured 84 s/round against 114 s/round for subprocess, "
-                         "bench/RESULTS.md); subprocess: the SuperLink and SuperNodes launch them")
+                         "compose.yaml; subprocess: the SuperLink and SuperNodes launch them (both measured "
+                         "about 62 s per round of the default experiment here, bench/RESULTS.md)")
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for start-up")
     up.add_argument("--out", dest="dir", help="same as --dir")
     run = with_dir(actions.add_parser("run", help="run an experiment on the deployment"))
