@@ -21,11 +21,14 @@ import queue as queue_mod
 import signal
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lab import log as lablog
-from lab.config import load_experiment
+from lab.config import ExperimentConfig, load_experiment
 from lab.task import build_for, set_threads
 from inversion.cli import Progress, entry_bar, invert_one, judge_model
 
@@ -33,36 +36,47 @@ log = logging.getLogger(__name__)
 
 _REPORT_EVERY = 0.1  # seconds between progress messages from one worker
 
-# Set in each worker by _start_worker.
-_progress_queue: Any = None
-_stop: Any = None
+@dataclass
+class _Worker:
+    """What one worker process reads once and uses for every entry it inverts."""
+
+    run_dir: Path
+    cfg: ExperimentConfig
+    model: torch.nn.Module
+    judge: torch.nn.Module | None
+    progress_queue: Any
+    stop: Any
 
 
-def _start_worker(threads: int, progress_queue: Any, stop: Any) -> None:
-    global _progress_queue, _stop
+_worker: _Worker | None = None  # set in each worker process by _start_worker
+
+
+def _start_worker(threads: int, run_dir: str, progress_queue: Any, stop: Any) -> None:
+    global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; see the module docstring
-    _progress_queue, _stop = progress_queue, stop
     set_threads(threads)
     lablog.configure("WARNING")
-
-
-def _invert_in_worker(args: dict[str, Any], run_dir: str, row: dict[str, Any], out: str) -> dict[str, Any] | None:
-    if _stop.is_set():
-        return None  # queued before the interrupt (the pool hands out work ahead), not started
     cfg = load_experiment(Path(run_dir) / "config.yaml")
+    _worker = _Worker(Path(run_dir), cfg, build_for(cfg), judge_model(cfg, Path(run_dir)), progress_queue, stop)
+
+
+def _invert_in_worker(args: dict[str, Any], row: dict[str, Any], out: str) -> dict[str, Any] | None:
+    w = _worker
+    assert w is not None, "_start_worker did not run"
+    if w.stop.is_set():
+        return None  # queued before the interrupt (the pool hands out work ahead), not started
     last = 0.0
 
     def progress(iteration: int, loss: float) -> None:
         nonlocal last
-        if _stop.is_set():
+        if w.stop.is_set():
             raise KeyboardInterrupt  # caught by the optimiser: it keeps the best iterate so far
         now = time.monotonic()
         if now - last >= _REPORT_EVERY:
             last = now
-            _progress_queue.put((row["id"], iteration, loss))
+            w.progress_queue.put((row["id"], iteration, loss))
 
-    return invert_one(cfg, argparse.Namespace(**args), Path(run_dir), row, build_for(cfg),
-                      judge_model(cfg, Path(run_dir)), Path(out), progress)
+    return invert_one(w.cfg, argparse.Namespace(**args), w.run_dir, row, w.model, w.judge, Path(out), progress)
 
 
 def _drain(progress_queue: Any, feeds: dict[str, Progress]) -> None:
@@ -79,13 +93,12 @@ def invert_parallel(args: argparse.Namespace, run_dir: Path, rows: list[dict[str
     """Metrics of every entry inverted (in `rows` order); raises the first worker's error."""
     ctx = mp.get_context("spawn")  # no fork of a process that may hold torch threads
     progress_queue, stop = ctx.Queue(), ctx.Event()
-    futures: dict[Future[dict[str, Any] | None], str] = {}
     with contextlib.ExitStack() as stack:
         feeds = {row["id"]: stack.enter_context(entry_bar(row["id"], args.quiet, position=i))
                  for i, row in enumerate(rows)}
         pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_start_worker,
-                                                       initargs=(threads, progress_queue, stop)))
-        futures = {pool.submit(_invert_in_worker, vars(args), str(run_dir), row, str(out_root / row["id"])): row["id"]
+                                                       initargs=(threads, str(run_dir), progress_queue, stop)))
+        futures = {pool.submit(_invert_in_worker, vars(args), row, str(out_root / row["id"])): row["id"]
                    for row in rows}
         pending: set[Future[dict[str, Any] | None]] = set(futures)
         while pending:

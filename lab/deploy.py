@@ -168,8 +168,7 @@ class ProcRecord:
 
 
 def alive(rec: ProcRecord) -> bool:
-    st = stat(rec.pid)
-    return st is not None and st[0] != "Z" and st[3] == rec.start
+    return procs.running(rec.pid, rec.start)
 
 
 def family(records: Iterable[ProcRecord], flwr_home: Path) -> list[int]:
@@ -432,7 +431,6 @@ def run_experiment(
     check_fits(cfg, dep)
     if not any(alive(p) for p in dep.processes if p.name == "superlink"):
         raise RunError(f"the deployment in {dep.folder} is not running (`fl-lab deploy up` first)")
-    out_dir = out_dir.resolve()
     out_dir = prepare_run_dir(cfg, out_dir)
     run_config = {"experiment-text": dump_yaml(cfg), "output-dir": str(out_dir),
                   "malicious-partitions": ",".join(str(p) for p in dep.malicious) or "none"}

@@ -26,6 +26,12 @@ def stat(pid: int) -> tuple[str, int, int, int] | None:
     return rest[0], int(rest[1]), int(rest[2]), int(rest[19])
 
 
+def running(pid: int, start: int) -> bool:
+    """Is `pid` still the live process that started at `start` (not a zombie, not a recycled PID)?"""
+    st = stat(pid)
+    return st is not None and st[0] != "Z" and st[3] == start
+
+
 def all_pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
 
@@ -60,22 +66,20 @@ def family(roots: Iterable[int], flwr_home: Path) -> list[int]:
 
 def terminate(pids: Iterable[int], grace: float = 10.0) -> list[int]:
     """SIGTERM, wait up to `grace` s, SIGKILL the rest; returns PIDs still alive (should be [])."""
-    targets = {pid: stat(pid) for pid in pids}
-    targets = {p: s for p, s in targets.items() if s is not None}
+    starts = {pid: st[3] for pid in pids if (st := stat(pid)) is not None}
 
     def same(pid: int) -> bool:
-        st = stat(pid)
-        return st is not None and st[0] != "Z" and st[3] == targets[pid][3]
+        return running(pid, starts[pid])
 
-    for pid in targets:
+    for pid in starts:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(same(p) for p in targets):
+    while time.monotonic() < deadline and any(same(p) for p in starts):
         time.sleep(0.2)
-    for pid in targets:
+    for pid in starts:
         if same(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
     time.sleep(0.3)
-    return [p for p in targets if same(p)]
+    return [p for p in starts if same(p)]
