@@ -24,10 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lab import deploy  # noqa: E402
+from commands import deploy  # noqa: E402
 from lab.artifacts import read_jsonl, write_json  # noqa: E402
 from lab.config import load_experiment  # noqa: E402
-from lab.launch import run_experiment  # noqa: E402
+from commands.launch import run_experiment  # noqa: E402
 
 
 def per_round(out: Path) -> dict[str, float | list[float]]:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from lab.artifacts import read_jsonl  # noqa: E402
 from lab.config import dump_yaml, load_experiment  # noqa: E402
-from lab.launch import flwr_run, run_experiment, simulation_superlink  # noqa: E402
+from commands.launch import flwr_run, run_experiment, simulation_superlink  # noqa: E402
 
 
 def median_round(rows: list[dict[str, float]]) -> float:

@@ -1,6 +1,6 @@
 # The lab's ServerApp / ClientApp executor: the official flwr/superexec image at the pinned Flower
 # version, with the lab's dependencies installed. compose.yaml passes FLWR_VERSION (it is generated
-# from the installed flwr by `fl-lab deploy compose`, the one source of truth for the version).
+# by `fl-lab deploy compose` from the exact flwr pin in pyproject.toml, the one source of truth).
 # The app code itself arrives with each run (`flwr run` ships it as a FAB); the image only needs
 # what that code imports.
 ARG FLWR_VERSION
@@ -10,6 +10,7 @@ ARG FLWR_VERSION
 WORKDIR /app
 COPY --chown=app:app pyproject.toml README.md ./
 COPY --chown=app:app lab lab
+COPY --chown=app:app commands commands
 COPY --chown=app:app strategies strategies
 COPY --chown=app:app server server
 COPY --chown=app:app client client

@@ -30,7 +30,7 @@ import torch
 from lab import log as lablog
 from lab.config import ExperimentConfig, load_experiment
 from lab.task import build_for, set_threads
-from inversion.cli import Progress, entry_bar, invert_one, judge_model
+from inversion.entry import Progress, entry_bar, invert_one, judge_model
 
 log = logging.getLogger(__name__)
 

@@ -20,20 +20,9 @@ from torch import Tensor
 
 from lab.config import DatasetConfig, FederatedConfig
 from lab.errors import DataError
+from lab.split import Split
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Split:
-    x: Tensor  # (N, C, H, W) float32 in [0, 1]
-    y: Tensor  # (N,) int64
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def subset(self, index: Tensor) -> Split:
-        return Split(self.x[index], self.y[index])
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lab.config import DatasetConfig
-from lab.data import Split
 from lab.errors import DataError
+from lab.split import Split
 
 log = logging.getLogger(__name__)
 

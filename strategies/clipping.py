@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lab.errors import AggregationError, ConfigError
-from strategies.robust import require_clients
+from strategies.kernels import require_clients
 from strategies.types import Aggregate, AggregatorContext, RoundInfo
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,14 @@ from torch import Tensor
 
 from lab.errors import AggregationError, ConfigError
 from strategies.foolsgold import EPS, cosine_matrix
-from strategies.robust import require_clients
-from strategies.types import Aggregate, AggregatorContext, RoundInfo, history_from_state, history_state
+from strategies.kernels import require_clients
+from strategies.types import (
+    Aggregate,
+    AggregatorContext,
+    RoundInfo,
+    history_from_state,
+    history_state,
+)
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lab.errors import AggregationError, ConfigError
 from strategies.clipping import clip_factors, round_generator
-from strategies.robust import gram_matrix, require_clients
+from strategies.kernels import gram_matrix, require_clients
 from strategies.types import Aggregate, AggregatorContext, RoundInfo
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lab.errors import AggregationError, ConfigError
 from strategies.clipping import row_norms
-from strategies.robust import require_clients
+from strategies.kernels import require_clients
 from strategies.types import Aggregate, AggregatorContext, RoundInfo
 
 log = logging.getLogger(__name__)

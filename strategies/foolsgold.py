@@ -15,8 +15,14 @@ import torch
 from torch import Tensor
 
 from lab.errors import AggregationError, ConfigError
-from strategies.robust import require_clients
-from strategies.types import Aggregate, AggregatorContext, RoundInfo, history_from_state, history_state
+from strategies.kernels import require_clients
+from strategies.types import (
+    Aggregate,
+    AggregatorContext,
+    RoundInfo,
+    history_from_state,
+    history_state,
+)
 
 log = logging.getLogger(__name__)
 

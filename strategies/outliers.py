@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lab.errors import ConfigError
 from strategies.clipping import row_norms, tukey_upper_fence
-from strategies.robust import median_of_rows, require_clients
+from strategies.kernels import median_of_rows, require_clients
 from strategies.types import Aggregate, AggregatorContext, RoundInfo
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,13 @@ from typing import Any
 
 from lab.config import ExperimentConfig
 from lab.errors import ConfigError
-from strategies.clipping import NormClip, check_clip_avg, check_clip_avg_iqr, clip_avg, clip_avg_iqr
+from strategies.clipping import (
+    NormClip,
+    check_clip_avg,
+    check_clip_avg_iqr,
+    clip_avg,
+    clip_avg_iqr,
+)
 from strategies.fl_defender import FLDefender
 from strategies.flame import Flame
 from strategies.fltrust import check_fltrust, fltrust

@@ -1,13 +1,13 @@
 """compose.yaml and docker/: checked against the pinned flwr itself (no Docker engine here).
 
 Every flag of every service must be one the installed Flower's own `--help` lists, every image tag
-must be the installed flwr version, every SuperNode a distinct partition, and every mounted secret
+must be the pinned flwr version (tests/conftest.py has already stopped the session if the installed
+Flower is another one), every SuperNode a distinct partition, and every mounted secret
 a file that `fl-lab deploy certs` really makes.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 import subprocess
 from functools import cache
@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab import deploy
-from lab.launch import BIN
+from commands.compose import compose_yaml
+from commands.secrets import make_certificates, make_secrets
+from commands.launch import BIN
+from lab.pins import pinned_flwr
 
 ROOT = Path(__file__).resolve().parents[2]
-VERSION = importlib.metadata.version("flwr")
+VERSION = pinned_flwr()
 BINARY = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode",
           "fl-security-lab-superexec": "flower-superexec"}
 
@@ -41,8 +43,8 @@ def image_name(service: dict) -> str:
     return service["image"].rsplit(":", 1)[0]
 
 
-def test_compose_yaml_is_what_the_generator_makes_for_the_installed_flwr() -> None:
-    assert (ROOT / "compose.yaml").read_text() == deploy.compose_yaml(3, 1, VERSION), \
+def test_compose_yaml_is_what_the_generator_makes_for_the_pinned_flwr() -> None:
+    assert (ROOT / "compose.yaml").read_text() == compose_yaml(3, 1, VERSION), \
         "stale compose.yaml: regenerate with `fl-lab deploy compose > compose.yaml`"
 
 
@@ -65,7 +67,7 @@ def test_every_flag_is_one_the_pinned_flower_lists(compose: dict) -> None:
         flags = {a for a in svc["command"] if a.startswith("--")}
         unknown = flags - help_flags(binary)
         assert not unknown, f"{name}: {binary} {VERSION} has no {sorted(unknown)}"
-    assert "--auth-list-public-keys" not in str(compose)  # refused by 1.41
+    assert "--auth-list-public-keys" not in str(compose)  # refused by 1.41 and 1.42 (exit 104)
     assert "--fleet-api-address" not in str(compose)  # ignored since the one HTTP port
 
 
@@ -93,7 +95,7 @@ def test_topology_nodes_partitions_executors_and_security(compose: dict) -> None
 
 
 def test_mounted_secrets_are_what_deploy_certs_makes(compose: dict, tmp_path: Path) -> None:
-    deploy.make_secrets(tmp_path, 3)
+    make_secrets(tmp_path, 3)
     made = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
     for name, svc in compose["services"].items():
         for volume in svc.get("volumes", []):
@@ -117,7 +119,7 @@ def test_generated_certificates_verify_and_cover_the_superlink_names(tmp_path: P
         load_ssh_public_key,
     )
 
-    certs, keys = deploy.make_secrets(tmp_path, 2)
+    certs, keys = make_secrets(tmp_path, 2)
     ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
     server = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)
@@ -130,6 +132,6 @@ def test_generated_certificates_verify_and_cover_the_superlink_names(tmp_path: P
         public = load_ssh_public_key(k.with_name(k.name + ".pub").read_bytes())
         assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
         assert private.public_key() == public
-    other = x509.load_pem_x509_certificate(deploy.make_certificates(tmp_path / "other").ca_cert.read_bytes())
+    other = x509.load_pem_x509_certificate(make_certificates(tmp_path / "other").ca_cert.read_bytes())
     with pytest.raises((ValueError, InvalidSignature)):
         server.verify_directly_issued_by(other)  # a different CA does not vouch for it

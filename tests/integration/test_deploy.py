@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lab import deploy
+from commands import deploy, secrets
 from lab.artifacts import load_tensors, read_jsonl
 from lab.config import dump_yaml, load_experiment
-from lab.launch import BIN, flower_env, write_connection
+from commands.launch import BIN, flower_env, write_connection
 from tests.integration.harness import run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
-FL_LAB = [sys.executable, "-m", "lab.cli"]
+FL_LAB = [sys.executable, "-m", "commands.cli"]
 pytestmark = pytest.mark.integration
 SMOKE = ["federated.num_clients=3", "attack.boost=5", "capture.enabled=true", "capture.rounds=[1,2]",
          "capture.clients=all"]
@@ -114,7 +114,7 @@ def test_up_secures_and_records_everything(deployment: deploy.Deployment) -> Non
 def test_unlisted_key_and_missing_ca_are_refused(deployment: deploy.Deployment, tmp_path: Path) -> None:
     dep = deployment
     rogue_key = tmp_path / "rogue"
-    deploy.make_node_key(rogue_key)
+    secrets.make_node_key(rogue_key)
     env = flower_env(tmp_path / "rogue-home")
     common = ["--superlink", dep.address, "--max-retries", "3", "--max-wait-time", "30",
               "--node-config", "partition-id=9 num-partitions=3 malicious=true"]

@@ -13,7 +13,7 @@ import pytest
 from lab.artifacts import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
-FL_LAB = [sys.executable, "-m", "lab.cli"]
+FL_LAB = [sys.executable, "-m", "commands.cli"]
 pytestmark = pytest.mark.integration
 
 
@@ -62,7 +62,7 @@ def test_a_failed_flower_run_gives_a_non_zero_exit(tmp_path: Path) -> None:
 
 
 def test_config_mistakes_exit_2_with_every_problem_and_no_traceback(tmp_path: Path) -> None:
-    from lab.cli import main
+    from commands.cli import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("training: {rounds: -1, lr: fast}\nattack: {type: backdor}\n")

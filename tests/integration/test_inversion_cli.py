@@ -111,7 +111,7 @@ def test_no_captures_and_unknown_entries_exit_2(tmp_path: Path, run_dir: Path) -
 def test_reconstruction_only_mode_inverts_an_existing_run(run_dir: Path, tmp_path: Path) -> None:
     import shutil
 
-    from lab.cli import main as fl_lab
+    from commands.cli import main as fl_lab
 
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("inversion", "known"))

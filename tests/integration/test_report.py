@@ -23,7 +23,7 @@ import torch
 from lab.artifacts import write_json
 from lab.config import dump_yaml, load_experiment
 from lab.plots import image_grid
-from lab.report import REQUIRED, SWEEP, collect, demo_checks, main, write_report
+from commands.report import REQUIRED, SWEEP, collect, demo_checks, main, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")

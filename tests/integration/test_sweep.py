@@ -10,7 +10,7 @@ import pytest
 
 from lab.config import ExperimentConfig, dump_yaml
 from lab.errors import ConfigError
-from lab.sweep import load_sweep, run_sweep
+from commands.sweep import load_sweep, run_sweep
 from tests.integration.harness import run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]

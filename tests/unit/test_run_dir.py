@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lab.config import load_experiment
-from lab.launch import prepare_run_dir
+from commands.launch import prepare_run_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ import torch
 from lab.errors import AggregationError, ConfigError
 from lab.records import ParamLayout
 from strategies.flame import Flame, cosine_distances
+from strategies.kernels import gram_matrix
 from strategies.registry import build_aggregator
-from strategies.robust import gram_matrix
 from strategies.types import AggregatorContext, RoundInfo
 
 LAYOUT = ParamLayout.of({"fc.weight": torch.zeros(2, 2), "bn.running_mean": torch.zeros(2), "bn.num_batches_tracked": torch.zeros((), dtype=torch.int64)})

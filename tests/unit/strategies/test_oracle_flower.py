@@ -1,4 +1,4 @@
-"""Our Krum, Multi-Krum, median, trimmed mean and Bulyan against Flower 1.41's built-ins.
+"""Our Krum, Multi-Krum, median, trimmed mean and Bulyan against the pinned Flower's built-ins.
 
 Flower aggregates full weights, so each client i replies global + U_i and we compare
 (Flower's result - global) with our update on U. Conventions read from flwr/serverapp/strategy/:

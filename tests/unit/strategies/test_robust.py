@@ -12,16 +12,8 @@ from hypothesis import strategies as st
 from lab.errors import AggregationError, ConfigError
 from lab.records import ParamLayout
 from strategies.registry import build_aggregator
-from strategies.robust import (
-    bulyan,
-    coordinate_median,
-    krum,
-    multi_krum,
-    pairwise_sq_distances,
-    prune_network,
-    sorting_network,
-    trimmed_mean,
-)
+from strategies.kernels import pairwise_sq_distances, prune_network, sorting_network
+from strategies.robust import bulyan, coordinate_median, krum, multi_krum, trimmed_mean
 from strategies.types import AggregatorContext, RoundInfo
 
 

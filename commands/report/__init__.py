@@ -18,12 +18,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from commands.report.blocks import to_html, to_markdown
+from commands.report.collection import collect, environment
+from commands.report.sections import REQUIRED, SWEEP, build, demo_checks, title_of
 from lab import log as lablog
 from lab.artifacts import atomic_write_text
 from lab.errors import LabError
-from lab.report.blocks import to_html, to_markdown
-from lab.report.collection import collect, environment
-from lab.report.sections import REQUIRED, SWEEP, build, demo_checks, title_of
 
 __all__ = ["REQUIRED", "SWEEP", "collect", "demo_checks", "environment", "main", "write_report"]
 

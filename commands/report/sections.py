@@ -11,9 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab.report.blocks import Block, Code, Image, Para, Table
-from lab.report.collection import Collection, Run, environment
-from lab.report.figures import plot_detection, plot_norms, plot_rounds, plot_unlearning
+from commands.report.blocks import Block, Code, Image, Para, Table
+from commands.report.collection import Collection, Run, environment
+from commands.report.figures import (
+    plot_detection,
+    plot_norms,
+    plot_rounds,
+    plot_unlearning,
+)
 
 log = logging.getLogger(__name__)
 

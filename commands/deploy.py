@@ -15,11 +15,11 @@ Security (on by default): a local CA signs the SuperLink's certificate (SAN loca
 and `superlink` for compose); SuperNodes and the `flwr` CLI trust only that CA (`--root-certificates`,
 connection key `root-certificates`). Node authentication: each SuperNode has its own P-384 key
 pair; the SuperLink runs with `--enable-supernode-auth` and accepts only the public keys registered
-through its Control API (`flwr supernode register`), which is how Flower 1.41 lists keys (the old
-`--auth-list-public-keys` CSV is refused by 1.41). Flower requires TLS for node auth.
+through its Control API (`flwr supernode register`), which is how Flower 1.41 and 1.42 list keys (the
+old `--auth-list-public-keys` CSV is refused by both). Flower requires TLS for node auth.
 
 Isolation: in both of Flower's modes every message starts a fresh `flwr-clientapp` process (which
-imports torch); 1.41's warm executor pools exist only for Kubernetes and not for ClientApps. The
+imports torch); 1.41/1.42's warm executor pools exist only for Kubernetes and not for ClientApps. The
 default `subprocess` (the SuperLink and each SuperNode start their own `flower-superexec`) needs
 half the long-lived processes; `process` runs those executors as separate processes, as in
 compose.yaml. bench/deploy.py measured 114 s (subprocess) and 84 s (process) per round of the
@@ -29,9 +29,6 @@ default experiment on the shared 2-core machine, against 3.3 s in simulation (wa
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import importlib.metadata
-import ipaddress
 import json
 import logging
 import ssl
@@ -42,116 +39,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab.artifacts import atomic_write_bytes, read_jsonl, write_json
+from commands import procs
+from commands.launch import (
+    BIN,
+    finished_summary,
+    flower_env,
+    flwr_run,
+    free_port,
+    prepare_run_dir,
+    wait_http,
+    write_connection,
+)
+from commands.procs import stat, terminate
+from commands.secrets import Certificates, make_certificates, make_node_key
+from lab.artifacts import read_jsonl, write_json
 from lab.config import ExperimentConfig, dump_yaml
 from lab.errors import ConfigError, RunError
-from lab.procs import stat, terminate
-from lab import procs
-from lab.launch import (BIN, finished_summary, flower_env, flwr_run, free_port, prepare_run_dir, wait_http,
-                        write_connection)
 
 log = logging.getLogger(__name__)
 
-FLWR_VERSION = importlib.metadata.version("flwr")  # the one source of truth for image tags
 CONNECTION = "lab-deploy"
 HOST = "127.0.0.1"  # loopback only: nothing here listens on another interface
 DEFAULT_DIR = Path("runs") / "deploy"
 ISOLATIONS = ("subprocess", "process")
-
-
-# --------------------------------------------------------------------------------------------
-# Certificates and node keys (the `cryptography` package comes with flwr)
-
-
-@dataclass(frozen=True)
-class Certificates:
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
-
-
-def make_certificates(folder: Path, hosts: Iterable[str] = ("localhost", "127.0.0.1", "superlink"),
-                      days: int = 365) -> Certificates:
-    """A local CA and a SuperLink server certificate signed by it (P-384 ECDSA keys).
-
-    Args:
-        folder: where ca.crt, ca.key, server.crt, server.key go (keys are chmod 600).
-        hosts: DNS names / IP addresses for the server certificate's subjectAltName.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate small clock skew
-    until = now + dt.timedelta(days=days)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FL Security Lab local CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now).not_valid_after(until)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA384()))
-    key = ec.generate_private_key(ec.SECP384R1())
-    names: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            names.append(x509.DNSName(h))
-    server = (x509.CertificateBuilder()
-              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "superlink")]))
-              .issuer_name(ca_name).public_key(key.public_key())
-              .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(until)
-              .add_extension(x509.SubjectAlternativeName(names), critical=False)
-              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                             critical=False)
-              .sign(ca_key, hashes.SHA384()))
-    pem = serialization.Encoding.PEM
-    plain = serialization.NoEncryption()
-    out = Certificates(folder / "ca.crt", folder / "server.crt", folder / "server.key")
-    atomic_write_bytes(out.ca_cert, ca.public_bytes(pem))
-    _write_secret(folder / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, plain))
-    atomic_write_bytes(out.server_cert, server.public_bytes(pem))
-    _write_secret(out.server_key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, plain))
-    return out
-
-
-def make_node_key(private_path: Path) -> Path:
-    """A SuperNode auth key pair in OpenSSH format (P-384): `private_path` and `<private_path>.pub`."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    _write_secret(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                  serialization.NoEncryption()))
-    public = private_path.with_name(private_path.name + ".pub")
-    atomic_write_bytes(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                             serialization.PublicFormat.OpenSSH) + b"\n")
-    return public
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data)
-    path.chmod(0o600)
-
-
-def make_secrets(folder: Path, nodes: int, hosts: Iterable[str] = ("localhost", "127.0.0.1", "superlink")
-                 ) -> tuple[Certificates, list[Path]]:
-    """`fl-lab deploy certs`: certificates in folder/certs, node keys folder/keys/node-<i>(.pub)."""
-    certs = make_certificates(folder / "certs", hosts)
-    keys = [folder / "keys" / f"node-{i}" for i in range(nodes)]
-    for k in keys:
-        make_node_key(k)
-    return certs, keys
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +82,7 @@ def alive(rec: ProcRecord) -> bool:
 
 
 def family(records: Iterable[ProcRecord], flwr_home: Path) -> list[int]:
-    """Live PIDs that belong to this deployment (see lab.procs.family); recorded processes count
+    """Live PIDs that belong to this deployment (see commands.procs.family); recorded processes count
     only while they are still the same process (start time), not a recycled PID."""
     return procs.family((r.pid for r in records if alive(r)), flwr_home)
 
@@ -439,62 +349,3 @@ def run_experiment(
     summary = finished_summary(outcome, out_dir)
     summary["failures"] = sum(len(r.get("failures") or []) for r in read_jsonl(out_dir / "metrics.jsonl"))
     return summary
-
-
-# --------------------------------------------------------------------------------------------
-# compose.yaml, generated from the installed flwr version (the one source of truth)
-
-
-def compose_spec(nodes: int = 3, malicious: int = 1, version: str = FLWR_VERSION) -> dict[str, Any]:
-    """The Docker Compose topology: SuperLink, the ServerApp executor, and per node a SuperNode
-    plus its ClientApp executor (process isolation), TLS everywhere on the Fleet/Control/Runtime
-    API of the SuperLink, node auth with the keys from `fl-lab deploy certs --out docker/secrets`."""
-    bad = malicious_partitions(nodes, malicious)
-    certs = "./docker/secrets/certs:/app/certs:ro"
-    build = {"context": ".", "dockerfile": "docker/superexec.Dockerfile", "args": {"FLWR_VERSION": version}}
-    services: dict[str, Any] = {
-        "superlink": {
-            "image": f"flwr/superlink:{version}",
-            "command": ["--ssl-ca-certfile", "/app/certs/ca.crt", "--ssl-certfile", "/app/certs/server.crt",
-                        "--ssl-keyfile", "/app/certs/server.key", "--enable-supernode-auth",
-                        "--isolation", "process", "--host", "0.0.0.0", "--port", "8000",
-                        "--database", "/app/state/state.db", "--disable-runtime-dependency-installation"],
-            "ports": ["127.0.0.1:8000:8000"],  # the host's flwr CLI; loopback only
-            "volumes": [certs, "superlink-state:/app/state"],
-        },
-        "superexec-serverapp": {
-            "build": build,
-            "image": f"fl-security-lab-superexec:{version}",
-            "command": ["--root-certificates", "/app/certs/ca.crt", "--runtime-api-address", "superlink:8000"],
-            "volumes": [certs, "./runs:/app/runs"],  # run-config output-dir=/app/runs/<name>
-            "depends_on": ["superlink"],
-            "restart": "on-failure:3",
-        },
-    }
-    for i in range(nodes):
-        config = f"partition-id={i} num-partitions={nodes} malicious={'true' if i in bad else 'false'} " \
-                 f'data-dir="/app/data"'
-        services[f"supernode-{i}"] = {
-            "image": f"flwr/supernode:{version}",
-            "command": ["--root-certificates", "/app/certs/ca.crt", "--superlink", "superlink:8000",
-                        "--auth-supernode-private-key", f"/app/keys/node-{i}",
-                        "--isolation", "process", "--host", "0.0.0.0", "--port", "9094",
-                        "--node-config", config],
-            "volumes": [certs, f"./docker/secrets/keys/node-{i}:/app/keys/node-{i}:ro"],
-            "depends_on": ["superlink"],
-        }
-        services[f"superexec-clientapp-{i}"] = {
-            "image": f"fl-security-lab-superexec:{version}",
-            # The node's runtime API stays inside the compose network, like loopback.
-            "command": ["--insecure", "--runtime-api-address", f"supernode-{i}:9094"],
-            "depends_on": [f"supernode-{i}", "superexec-serverapp"],
-        }
-    return {"name": "fl-security-lab", "services": services, "volumes": {"superlink-state": {}}}
-
-
-def compose_yaml(nodes: int = 3, malicious: int = 1, version: str = FLWR_VERSION) -> str:
-    import yaml
-
-    head = (f"# Generated by `fl-lab deploy compose` from the installed flwr ({version}): do not edit by hand.\n"
-            "# Secrets first: fl-lab deploy certs --out docker/secrets --nodes N  (see README, Deployment)\n")
-    return head + yaml.safe_dump(compose_spec(nodes, malicious, version), sort_keys=False, width=120)

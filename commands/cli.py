@@ -6,14 +6,13 @@
     fl-lab invert RUN ; fl-lab verify RUN ; fl-lab unlearn RUN ; fl-lab report RUN
     fl-lab deploy up --nodes 3 --malicious 1 ; fl-lab deploy run EXP.yaml ; fl-lab deploy down
 
-Subcommands that live in other packages are resolved lazily by dotted path, so `lab` imports
-nothing of ours at import time (and `fl-lab --help` stays fast).
+The commands are the top layer (README, Layout): this package may import every other one. The tools
+of other packages are imported when their subcommand runs, so `fl-lab --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import signal
 import sys
@@ -22,69 +21,41 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from commands.console import guarded, progress_printer, say
+from commands.preflight import preflight
+from commands.tools import TOOLS, invert
 from lab import log as lablog
 from lab.config import ExperimentConfig, load_experiment
-from lab.errors import ConfigError, LabError
+from lab.pins import check_flwr
 
 log = logging.getLogger(__name__)
 
-# name -> (help, "module:function" taking argv and returning an exit code)
-EXTERNAL: dict[str, tuple[str, str]] = {
-    "invert": ("reconstruct client images from a run's captured updates", "inversion.cli:main"),
-    "verify": ("does the backdoor fire, and on the reconstructions?", "unlearning.cli:verify_main"),
-    "unlearn": ("fine-tune the backdoor away with the reconstructions", "unlearning.cli:unlearn_main"),
-    "report": ("the experiment report (report.md, self-contained report.html, plots/)", "lab.report:main"),
-    "demo": ("the whole story on the embedded digits data, with its report", "lab.demo:main"),
-}
-
-
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-def progress_printer(cfg: ExperimentConfig, label: str = "") -> Callable[[dict[str, Any]], None]:
-    """A per-round terminal line: round, accuracy, ASR, elapsed seconds."""
-    total = cfg.training.rounds
-    prefix = f"[{label}] " if label else ""
-
-    def show(row: dict[str, Any]) -> None:
-        asr = row.get("asr")
-        asr_txt = "-" if asr is None else f"{asr:.3f}"
-        dropped = row.get("dropped")
-        extra = f"  dropped {dropped}" if dropped else ""
-        _out(f"{prefix}round {row['round']:>3}/{total}  accuracy {row['accuracy']:.4f}  asr {asr_txt}"
-             f"  ({row.get('seconds', 0.0):.1f} s){extra}")
-
-    return show
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from lab.launch import expand_ratios, run_experiment
+    from commands.launch import expand_ratios, run_experiment
 
     cfg = load_experiment(args.experiment, args.set or ())
     base = Path(args.out) if args.out else Path(cfg.execution.output_dir) / cfg.name
     if cfg.execution.reconstruction_only:
         # The original project's mode: invert an existing run's captures, no training.
-        return int(importlib.import_module("inversion.cli").main([str(base)]))
+        return invert([str(base)])
     preflight(cfg)
     results = []
     for sub, one in expand_ratios(cfg):
         out = base / sub if sub else base
-        _out(f"running {one.name} ({one.federated.aggregator.name}, attack {one.attack.type}, "
+        say(f"running {one.name} ({one.federated.aggregator.name}, attack {one.attack.type}, "
              f"attackers {one.attack.ratios[0]:g}) -> {out}")
         summary = run_experiment(one, out, progress_printer(one, sub or ""))
         results.append((out, summary))
     for out, s in results:
         asr = s.get("final_asr")
-        _out(f"done: {out}  accuracy {s['final_accuracy']:.4f}  asr {'-' if asr is None else f'{asr:.4f}'}  "
+        say(f"done: {out}  accuracy {s['final_accuracy']:.4f}  asr {'-' if asr is None else f'{asr:.4f}'}  "
              f"{s['wall_seconds']:.0f} s wall, {s['rounds']} rounds")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lab.launch import run_experiment
-    from lab.sweep import Setting, load_sweep, run_sweep
+    from commands.launch import run_experiment
+    from commands.sweep import Setting, load_sweep, run_sweep
 
     path = Path(args.sweep)
     name, settings = load_sweep(path)
@@ -97,31 +68,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(settings[0].cfg.execution.output_dir) / "sweeps" / name
 
     def start(i: int, total: int, setting: Setting) -> None:
-        _out(f"[{i + 1}/{total}] {setting.slug}")
+        say(f"[{i + 1}/{total}] {setting.slug}")
 
     def runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         return run_experiment(cfg, run_dir, progress_printer(cfg, "  ") if args.verbose else None)
 
     run_sweep(path, out, runner, start)
-    _out((out / "results.md").read_text())
-    _out(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'plots'}")
+    say((out / "results.md").read_text())
+    say(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'plots'}")
     return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    """`fl-lab deploy up|run|down|status|certs|compose` (see lab/deploy.py)."""
-    from lab import deploy
+    """`fl-lab deploy up|run|down|status|certs|compose` (commands/deploy.py, secrets.py, compose.py)."""
+    from commands import compose, deploy, secrets
 
     folder = Path(args.dir)
     if args.action == "up":
         dep = deploy.up(folder, args.nodes, args.malicious, tls=args.tls, auth=args.auth, isolation=args.isolation,
                         timeout=args.timeout)
-        _out(f"deployment up in {dep.folder}: SuperLink {dep.address} "
+        say(f"deployment up in {dep.folder}: SuperLink {dep.address} "
              f"({'TLS' if dep.tls else 'no TLS'}, {'node auth' if dep.auth else 'no node auth'}, "
              f"isolation {dep.isolation}), {dep.num_nodes} SuperNodes, malicious partitions {dep.malicious}")
         for p in dep.processes:
-            _out(f"  {p.name:<24} pid {p.pid:<8} log {p.log}")
-        _out(f"Flower connection `{deploy.CONNECTION}`: FLWR_HOME={dep.flwr_home} flwr run . {deploy.CONNECTION}")
+            say(f"  {p.name:<24} pid {p.pid:<8} log {p.log}")
+        say(f"Flower connection `{deploy.CONNECTION}`: FLWR_HOME={dep.flwr_home} flwr run . {deploy.CONNECTION}")
         return 0
     if args.action == "run":
         cfg = load_experiment(args.experiment, args.set or ())
@@ -129,29 +100,29 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         deploy.check_fits(cfg, dep)
         preflight(cfg)
         out = Path(args.out) if args.out else folder / "runs" / cfg.name
-        _out(f"running {cfg.name} on the deployment in {dep.folder} -> {out}")
+        say(f"running {cfg.name} on the deployment in {dep.folder} -> {out}")
         s = deploy.run_experiment(folder, cfg, out, progress_printer(cfg))
         asr = s.get("final_asr")
-        _out(f"done: {out}  accuracy {s['final_accuracy']:.4f}  asr {'-' if asr is None else f'{asr:.4f}'}  "
+        say(f"done: {out}  accuracy {s['final_accuracy']:.4f}  asr {'-' if asr is None else f'{asr:.4f}'}  "
              f"{s['wall_seconds']:.0f} s wall, {s['rounds']} rounds, {s['failures']} failed replies")
         return 0
     if args.action == "down":
         stopped = deploy.down(folder)
-        _out(f"stopped {len(stopped)} processes: {stopped}")
+        say(f"stopped {len(stopped)} processes: {stopped}")
         return 0
     if args.action == "status":
         import json
 
-        _out(json.dumps(deploy.status(folder), indent=2))
+        say(json.dumps(deploy.status(folder), indent=2))
         return 0
     if args.action == "certs":
         hosts = args.host or ["localhost", "127.0.0.1", "superlink"]
-        certs, keys = deploy.make_secrets(folder, args.nodes, hosts)
-        _out(f"CA {certs.ca_cert}, SuperLink certificate {certs.server_cert} (SAN {', '.join(hosts)}), "
+        certs, keys = secrets.make_secrets(folder, args.nodes, hosts)
+        say(f"CA {certs.ca_cert}, SuperLink certificate {certs.server_cert} (SAN {', '.join(hosts)}), "
              f"{len(keys)} node key pairs in {folder / 'keys'}")
         return 0
     if args.action == "compose":
-        sys.stdout.write(deploy.compose_yaml(args.nodes, args.malicious))
+        sys.stdout.write(compose.compose_yaml(args.nodes, args.malicious))
         return 0
     raise AssertionError(args.action)
 
@@ -193,20 +164,15 @@ def _deploy_parser(sub: Any) -> None:
     comp.add_argument("--malicious", type=int, default=1)
 
 
-def preflight(cfg: ExperimentConfig) -> None:
-    """Config-time checks that need the model and the rule registry (before any process starts)."""
-    from lab.data import load_data
-    from lab.records import ParamLayout
-    from lab.task import build_for, state_of
+# `fl-lab demo` runs the other commands, so it is dispatched here rather than in `commands.tools`.
+def _demo(argv: list[str]) -> int:
+    from commands.demo import main as demo
 
-    registry = importlib.import_module("strategies.registry")
-    types = importlib.import_module("strategies.types")
-    data = load_data(cfg.dataset, cfg.seed)
-    layout = ParamLayout.of(state_of(build_for(cfg, data)))
-    ctx = types.AggregatorContext(layout=layout, clients_per_round=cfg.federated.round_size, seed=cfg.seed)
-    problems = registry.check_config(cfg, ctx)
-    if problems:
-        raise ConfigError(problems)
+    return demo(argv)
+
+
+EXTERNAL: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    **TOOLS, "demo": ("the whole story on the embedded digits data, with its report", _demo)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,28 +204,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     lablog.configure("WARNING")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+    if argv and argv[0] not in ("-h", "--help"):
+        # Before any Flower work: a venv whose flwr is not the pinned one (pyproject.toml) would run,
+        # and record, another Flower than the docs, images and numbers name.
+        code = guarded("fl-lab", _pinned_flower)
+        if code:
+            return code
     if argv and argv[0] in EXTERNAL:
-        module, func = EXTERNAL[argv[0]][1].split(":")
-        handler: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)
-        return handler(argv[1:])
+        return EXTERNAL[argv[0]][1](argv[1:])
     args = build_parser().parse_args(argv)
     return guarded("fl-lab", lambda: int(args.func(args)))
 
 
-def guarded(prog: str, body: Callable[[], int]) -> int:
-    """Run a command body; lab errors become one line on stderr and an exit code, not a traceback:
-    2 for an invalid experiment, 1 for a failed run, 130 for Ctrl-C."""
-    try:
-        return body()
-    except ConfigError as exc:
-        sys.stderr.write(f"{prog}: invalid experiment:{'' if len(exc.problems) > 1 else ' '}{exc}\n")
-        return 2
-    except LabError as exc:
-        sys.stderr.write(f"{prog}: {exc}\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{prog}: interrupted\n")
-        return 130
+def _pinned_flower() -> int:
+    check_flwr()
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lab.report.collection import Run
+from commands.report.collection import Run
 
 
 def _plt() -> Any:

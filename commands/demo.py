@@ -11,17 +11,15 @@
 3. `fl-lab verify` and `fl-lab unlearn` on the FedAvg run's final model;
 4. `fl-lab report` on the demo folder, and a summary table on the terminal.
 
-Each step is the same code as its own subcommand (dispatched through `lab.cli.EXTERNAL`), so the
+Each step is the same code as its own subcommand (dispatched through `commands.tools.TOOLS`), so the
 demo shows exactly what the tools do.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from commands.console import guarded, progress_printer, say
+from commands.preflight import preflight
+from commands.tools import TOOLS
 from lab import log as lablog
 from lab.artifacts import write_json
 from lab.config import ExperimentConfig, load_experiment, with_values
@@ -91,17 +92,11 @@ def _named(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
     return with_values(cfg, [f"name={name}"])
 
 
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 def run_all(runs: list[DemoRun], out: Path) -> dict[str, dict[str, Any]]:
     """The Flower runs side by side (each has its own SuperLink): most of a round is Flower's
     messaging and evaluation, not arithmetic, so three at once on 2 cores cost far less than three
     in a row. The first failure is raised after all have stopped."""
-    from lab.cli import progress_printer
-    from lab.launch import run_experiment
+    from commands.launch import run_experiment
 
     results: dict[str, dict[str, Any]] = {}
     errors: list[BaseException] = []
@@ -124,10 +119,7 @@ def run_all(runs: list[DemoRun], out: Path) -> dict[str, dict[str, Any]]:
 
 def _tool(argv: list[str]) -> None:
     """One `fl-lab` subcommand (invert, verify, unlearn, report), through the CLI's own dispatch."""
-    from lab.cli import EXTERNAL
-
-    module, func = EXTERNAL[argv[0]][1].split(":")
-    code = getattr(importlib.import_module(module), func)(argv[1:])
+    code = TOOLS[argv[0]][1](argv[1:])
     if code != 0:
         raise RunError(f"`fl-lab {' '.join(argv)}` exited with {code}")
 
@@ -141,14 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"the rule compared with FedAvg (default: {DEFAULT_DEFENSE})")
     args = p.parse_args(argv)
     lablog.configure("WARNING")
-    from lab.cli import guarded
-
     return guarded("demo", lambda: demo(Path(args.out), args.quick, args.defense))
 
 
 def demo(out: Path, quick: bool, defense: str) -> int:
-    from lab.cli import preflight
-    from lab.report import collect, demo_checks, environment, write_report
+    from commands.report import collect, demo_checks, environment, write_report
 
     started = time.perf_counter()
     runs, note = plan(quick, defense)
@@ -174,19 +163,19 @@ def demo(out: Path, quick: bool, defense: str) -> int:
         ("unlearning with the reconstructions (fl-lab unlearn)", "unlearning", lambda: _tool(["unlearn", str(attack)])),
     ]
     for i, (title, key, fn) in enumerate(todo):
-        _out(f"\n== [{i + 1}/{len(todo) + 1}] {title}")
+        say(f"\n== [{i + 1}/{len(todo) + 1}] {title}")
         t = time.perf_counter()
         fn()
         steps[key] = time.perf_counter() - t
-    _out(f"\n== [{len(todo) + 1}/{len(todo) + 1}] the report (fl-lab report)")
+    say(f"\n== [{len(todo) + 1}/{len(todo) + 1}] the report (fl-lab report)")
     write_json(out / "demo.json", {
         "quick": quick, "defense": defense, "note": note, "environment": environment(),
         "runs": [{"dir": r.dir, "label": r.label, "role": r.role} for r in runs],
         "step_seconds": steps, "wall_seconds": time.perf_counter() - started})
     md, page = write_report(out)
     col = collect(out)
-    _out(summary(col, demo_checks(col), time.perf_counter() - started))
-    _out(f"\nreport: {md}\n        {page} (one self-contained file: open it in a browser)")
+    say(summary(col, demo_checks(col), time.perf_counter() - started))
+    say(f"\nreport: {md}\n        {page} (one self-contained file: open it in a browser)")
     return 0
 
 

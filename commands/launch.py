@@ -1,8 +1,8 @@
 """`fl-lab run`: one experiment as a real Flower simulation (`flwr run`), with progress and an honest
 exit code.
 
-Flower facts this works around (see notes/flower.md): `flwr run` exits 0 even when the run failed
-(we ask `flwr ls` for the status), the managed local SuperLink on port 39091 is detached, shared by
+Flower facts this works around (see notes/flower.md; re-checked on the pinned 1.42.0, README "Flower
+version"): `flwr run` exits 0 even when the run failed (we ask `flwr ls` for the status), the managed local SuperLink on port 39091 is detached, shared by
 every user of the machine and keeps the environment it was first started with (so we start our own
 simulation SuperLink on a free port, in a private FLWR_HOME, and stop it by PID), and runtime
 dependency installation would `uv sync` torch per run (disabled).
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from commands.procs import family, terminate
 from lab.artifacts import atomic_write_text, read_jsonl
 from lab.config import ExperimentConfig, dump_yaml
 from lab.errors import RunError
-from lab.procs import family, terminate
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,171 @@
+"""The experiment's schema: one frozen dataclass per YAML section, with the defaults.
+
+YAML keys are snake_case because they map onto these fields one to one. Loading, overrides and
+validation live in `lab.config`, which re-exports these names: import them from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DatasetName = Literal["digits", "mnist", "fashion-mnist", "emnist-digits", "cifar10"]
+AttackType = Literal["none", "backdoor", "label-flip", "sign-flip", "gaussian-noise"]
+PoisonMode = Literal["mix", "append"]
+TriggerShape = Literal["square", "checkerboard", "cross"]
+Position = Literal["bottom-right", "bottom-left", "top-right", "top-left", "center"]
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: DatasetName = "digits"
+    data_dir: str = "data"
+    download: bool = True
+    # Digits are 8x8; upsampled so the same CNN (and trigger sizes) fit MNIST-sized inputs.
+    image_size: int | None = None
+    test_fraction: float = 0.2
+    # Share of the training split held out as the server's clean set (FLTrust root set, unlearning).
+    server_fraction: float = 0.1
+    source_class: int | None = 1  # None = all-to-one
+    target_class: int = 0
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    name: str = "fedavg"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    num_clients: int = 10
+    clients_per_round: int | None = None  # None = all clients (see fraction)
+    fraction: float = 1.0
+    partitioning: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = 0.5
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    server_lr: float = 1.0
+
+    @property
+    def round_size(self) -> int:
+        if self.clients_per_round is not None:
+            return self.clients_per_round
+        return max(1, round(self.fraction * self.num_clients))
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    model: Literal["cnn", "mlp", "resnet18"] = "cnn"
+    rounds: int = 20
+    local_epochs: int = 1
+    local_steps: int | None = None  # when set, overrides local_epochs
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TriggerConfig:
+    shape: TriggerShape = "square"
+    size: int = 3
+    position: Position = "bottom-right"
+    margin: int = 1
+    value: float = 1.0  # pixel intensity in [0, 1], all channels
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    type: AttackType = "none"
+    # A list runs one experiment per value (`fl-lab run` makes a subfolder for each).
+    attackers_ratio: float | tuple[float, ...] = 0.0
+    malicious_behavior_rate: float = 1.0
+    start_round: int = 1
+    end_round: int | None = None
+    poison_mode: PoisonMode = "mix"
+    poison_ratio: float = 0.5
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    # Model replacement: scale the update by this factor; "auto" = clients in the round / server lr.
+    boost: float | Literal["auto"] = 1.0
+    # Norm-constrained evasion: project the (boosted) update onto this L2 ball.
+    norm_bound: float | None = None
+    noise_std: float = 1.0  # gaussian-noise attack
+    sign_flip_scale: float = 1.0  # sign-flip attack: send -scale * honest update
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        r = self.attackers_ratio
+        return r if isinstance(r, tuple) else (r,)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Local hyperparameters a curious server imposes on the clients it captures."""
+
+    local_steps: int = 1
+    batch_size: int = 1
+    lr: float = 0.01
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    enabled: bool = False
+    rounds: tuple[int, ...] = ()
+    clients: Literal["all", "malicious"] | tuple[int, ...] = "malicious"
+    probe: ProbeConfig | None = None
+    max_bytes: int = 200_000_000
+    evidence: bool = False  # simulation only: store the exact images used, for scoring
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    attack: str = "inverting-gradients"
+    preset: str = "fast-cpu"
+    labels: Literal["known", "recovered"] = "recovered"
+    num_images: int | None = None
+    iterations: int | None = None
+    restarts: int | None = None
+    tv: float | None = None
+
+
+@dataclass(frozen=True)
+class UnlearningConfig:
+    strategies: tuple[str, ...] = ("transplant", "relabel", "clean-finetune")
+    clean_samples: int | None = None  # None = the whole server clean set
+    steps: int = 100
+    lr: float = 0.005  # 0.01 cost 1.0 +- 1.5 accuracy points on the digits runs; 0.005 cost 0.4
+    momentum: float = 0.9
+    batch_size: int = 32
+    mix_ratio: float = 0.2
+    freeze_bn: bool = True
+    max_accuracy_drop: float = 0.02
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    output_dir: str = "runs"
+    num_threads: int = 1  # OpenMP spin-waits badly on a shared 2-core box
+    client_cpus: float = 2.0
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    checkpoint_every: int = 1
+    reconstruction_only: bool = False
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+
+    @property
+    def seed(self) -> int:
+        return self.training.seed

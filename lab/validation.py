@@ -1,0 +1,93 @@
+"""Validation of an experiment's values (their types are already right): every impossible value,
+as 'key.path: reason' strings, so one message lists all of them."""
+
+from __future__ import annotations
+
+from lab.schema import ExperimentConfig
+
+NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "emnist-digits": 10, "cifar10": 10}
+
+
+def validate(cfg: ExperimentConfig) -> list[str]:
+    """Every impossible value in `cfg`, as 'key.path: reason' strings."""
+    p: list[str] = []
+    d, f, t, a, c = cfg.dataset, cfg.federated, cfg.training, cfg.attack, cfg.capture
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            p.append(f"{key}: {why}")
+
+    classes = NUM_CLASSES[d.name]
+    need(0 < d.test_fraction < 1, "dataset.test_fraction", "must be in (0, 1)")
+    need(0 <= d.server_fraction < 1, "dataset.server_fraction", "must be in [0, 1)")
+    need(0 <= d.target_class < classes, "dataset.target_class", f"must be in [0, {classes})")
+    if d.source_class is not None:
+        need(0 <= d.source_class < classes, "dataset.source_class", f"must be in [0, {classes}) or null")
+        need(d.source_class != d.target_class, "dataset.source_class", "must differ from target_class")
+    if d.image_size is not None:
+        need(8 <= d.image_size <= 256, "dataset.image_size", "must be in [8, 256]")
+
+    need(f.num_clients >= 1, "federated.num_clients", "must be >= 1")
+    need(0 < f.fraction <= 1, "federated.fraction", "must be in (0, 1]")
+    if f.clients_per_round is not None:
+        need(1 <= f.clients_per_round <= f.num_clients, "federated.clients_per_round",
+             f"must be in [1, num_clients={f.num_clients}]")
+    # Below ~0.01 flwr-datasets' self-balancing divides by zero and dumps whole classes on one client.
+    need(f.dirichlet_alpha >= 0.01, "federated.dirichlet_alpha", "must be >= 0.01")
+    need(f.server_lr > 0, "federated.server_lr", "must be > 0")
+
+    need(t.rounds >= 1, "training.rounds", "must be >= 1")
+    need(t.local_epochs >= 1, "training.local_epochs", "must be >= 1")
+    if t.local_steps is not None:
+        need(t.local_steps >= 1, "training.local_steps", "must be >= 1")
+    need(t.batch_size >= 1, "training.batch_size", "must be >= 1")
+    need(t.lr > 0, "training.lr", "must be > 0")
+    need(0 <= t.momentum < 1, "training.momentum", "must be in [0, 1)")
+    need(t.weight_decay >= 0, "training.weight_decay", "must be >= 0")
+    need(t.model != "resnet18" or d.name == "cifar10" or (d.image_size or 0) >= 32,
+         "training.model", "resnet18 expects 32x32 inputs (cifar10, or set dataset.image_size: 32)")
+
+    for i, r in enumerate(a.ratios):
+        key = "attack.attackers_ratio" + (f"[{i}]" if isinstance(a.attackers_ratio, tuple) else "")
+        need(0 <= r <= 1, key, "must be in [0, 1] (a share of num_clients, not a count)")
+        if 0 < r <= 1:
+            need(round(r * f.num_clients) >= 1, key,
+                 f"{r} of {f.num_clients} clients rounds to zero attackers")
+    if a.type != "none":
+        need(any(r > 0 for r in a.ratios), "attack.attackers_ratio",
+             f"attack.type={a.type!r} needs attackers_ratio > 0 (or set type: none)")
+    need(0 <= a.malicious_behavior_rate <= 1, "attack.malicious_behavior_rate", "must be in [0, 1]")
+    need(a.start_round >= 1, "attack.start_round", "must be >= 1")
+    if a.end_round is not None:
+        need(a.end_round >= a.start_round, "attack.end_round", "must be >= start_round")
+    need(0 < a.poison_ratio <= 1, "attack.poison_ratio", "must be in (0, 1]")
+    if a.poison_mode == "append" and a.type == "backdoor":
+        need(d.source_class is not None, "attack.poison_mode",
+             "'append' copies source-class samples: set dataset.source_class")
+    need(a.boost == "auto" or (isinstance(a.boost, float) and a.boost > 0), "attack.boost",
+         "must be > 0 or 'auto'")
+    if a.norm_bound is not None:
+        need(a.norm_bound > 0, "attack.norm_bound", "must be > 0")
+    need(a.noise_std > 0, "attack.noise_std", "must be > 0")
+    need(a.trigger.size >= 1, "attack.trigger.size", "must be >= 1")
+    need(0 <= a.trigger.value <= 1, "attack.trigger.value", "must be in [0, 1]")
+
+    for i, r in enumerate(c.rounds):
+        need(1 <= r <= t.rounds, f"capture.rounds[{i}]", f"round {r} is outside 1..{t.rounds}")
+    if isinstance(c.clients, tuple):
+        for i, pid in enumerate(c.clients):
+            need(0 <= pid < f.num_clients, f"capture.clients[{i}]", f"no partition {pid}")
+    need(c.max_bytes > 0, "capture.max_bytes", "must be > 0")
+    if c.enabled:
+        need(bool(c.rounds), "capture.rounds", "capture is enabled but no rounds are listed")
+    if c.probe is not None:
+        need(c.probe.local_steps >= 1, "capture.probe.local_steps", "must be >= 1")
+        need(c.probe.batch_size >= 1, "capture.probe.batch_size", "must be >= 1")
+        need(c.probe.lr > 0, "capture.probe.lr", "must be > 0")
+
+    u = cfg.unlearning
+    need(u.steps >= 1, "unlearning.steps", "must be >= 1")
+    need(0 <= u.mix_ratio <= 1, "unlearning.mix_ratio", "must be in [0, 1]")
+    need(cfg.execution.num_threads >= 1, "execution.num_threads", "must be >= 1")
+    need(cfg.execution.client_cpus > 0, "execution.client_cpus", "must be > 0")
+    return p
