@@ -38,16 +38,26 @@ def is_malicious(cfg: ExperimentConfig, node_config: dict[str, object], partitio
         cfg.federated.num_clients, ratio, cfg.seed)
 
 
-def _leave_evidence(run_config: dict[str, object], server_round: int, partition_id: int,
-                    images: torch.Tensor, labels: torch.Tensor) -> None:
-    """Simulation only: the exact probe batch, for scoring reconstructions (never read by attacks)."""
+# What Flower's simulation engine puts in a simulated node's config, and nothing more. A SuperNode's
+# config is its operator's: the lab's (fl-lab deploy, compose.yaml) also name `malicious` and
+# `data-dir`; one started by hand with only these two keys would count as simulated.
+SIMULATED_NODE_CONFIG = frozenset({"partition-id", "num-partitions"})
+
+
+def _leave_evidence(run_config: dict[str, object], node_config: dict[str, object], server_round: int,
+                    partition_id: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Simulation only: the exact probe batch, for scoring reconstructions (never read by attacks).
+
+    A real node never hands its raw images to the server's folder, whatever the run config (the
+    server's to choose) asks: only a node whose config is a simulated one's writes evidence.
+    """
     out = str(run_config.get("output-dir", "") or "")
-    if not out:
+    if not out or set(node_config) != SIMULATED_NODE_CONFIG:
         return
     path = evidence_path(Path(out) / "captures", server_round, partition_id)
     try:
         write_evidence(path, images.cpu(), labels.cpu())
-    except OSError as exc:  # a node that cannot reach the server's folder (deployment)
+    except OSError as exc:  # a folder this process cannot write
         log.warning("no evidence written to %s: %s", path, exc)
 
 
@@ -79,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     probe = bool(config.get("fixed-batch", False))
     stats = train_local(model, local, hp, gen, poison=attack.poison_batch if attack else None, fixed_batch=probe)
     if probe and stats.batch is not None and cfg.capture.evidence:
-        _leave_evidence(context.run_config, server_round, partition_id, *stats.batch)
+        _leave_evidence(context.run_config, dict(context.node_config), server_round, partition_id, *stats.batch)
     state = state_of(model)
     if attack is not None and attack.transforms_update:
         layout = ParamLayout.of(global_state)

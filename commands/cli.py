@@ -2,6 +2,7 @@
 
     fl-lab demo                                   # the whole story on the embedded digits
     fl-lab run experiments/default.yaml [--set attack.boost=auto ...] [--out runs/x]
+    fl-lab run --check experiments/default.yaml [--set ...]   # every problem, nothing started
     fl-lab sweep experiments/sweeps/defenses.yaml
     fl-lab invert RUN ; fl-lab verify RUN ; fl-lab unlearn RUN ; fl-lab report RUN
     fl-lab deploy up --nodes 3 --malicious 1 ; fl-lab deploy run EXP.yaml ; fl-lab deploy down
@@ -22,26 +23,42 @@ from pathlib import Path
 from typing import Any
 
 from commands.console import guarded, progress_printer, say
-from commands.preflight import preflight
+from commands.preflight import check_experiment, load_dataset, rule_problems, run_dir_problem
 from commands.tools import TOOLS, invert
 from lab import log as lablog
-from lab.config import ExperimentConfig, load_experiment
+from lab.config import ExperimentConfig
+from lab.errors import ConfigError
 from lab.pins import check_flwr
+from lab.runfolder import RUN_MARKER
 
 log = logging.getLogger(__name__)
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from commands.launch import expand_ratios, run_experiment
+    from commands.launch import claim_run_dir, expand_ratios, run_experiment
 
-    cfg = load_experiment(args.experiment, args.set or ())
+    cfg = check_experiment(args.experiment, args.set or ())
     base = Path(args.out) if args.out else Path(cfg.execution.output_dir) / cfg.name
     if cfg.execution.reconstruction_only:
         # The original project's mode: invert an existing run's captures, no training.
+        if args.check:
+            say(f"ok: {args.experiment}: reconstruction only, inverts the captures of {base}")
+            return 0
         return invert([str(base)])
-    preflight(cfg)
+    runs = [(sub, one, base / sub if sub else base) for sub, one in expand_ratios(cfg)]
+    problems = [p for p in dict.fromkeys(run_dir_problem(d) for d in [base, *(out for _, _, out in runs)]) if p]
+    if problems:
+        raise ConfigError(problems)
+    if args.check:
+        fed = cfg.federated
+        say(f"ok: {args.experiment}: {cfg.name}, rule {fed.aggregator.name}, attack {cfg.attack.type}, "
+            f"{cfg.training.rounds} rounds, {fed.round_size} of {fed.num_clients} clients per round"
+            f"{f', {len(runs)} runs (attackers_ratio)' if len(runs) > 1 else ''} -> {base.resolve()}")
+        return 0
+    load_dataset(cfg)
+    if len(runs) > 1:
+        claim_run_dir(base)  # the runs' parent: ours too, so a later run there is allowed
     results = []
-    for sub, one in expand_ratios(cfg):
-        out = base / sub if sub else base
+    for sub, one, out in runs:
         say(f"running {one.name} ({one.federated.aggregator.name}, attack {one.attack.type}, "
              f"attackers {one.attack.ratios[0]:g}) -> {out}")
         summary = run_experiment(one, out, progress_printer(one, sub or ""))
@@ -55,17 +72,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from commands.launch import run_experiment
-    from commands.sweep import Setting, load_sweep, run_sweep
+    from commands.sweep import Setting, load_sweep, run_sweep, same_run
 
     path = Path(args.sweep)
     name, settings = load_sweep(path)
+    out = Path(args.out) if args.out else Path(settings[0].cfg.execution.output_dir) / "sweeps" / name
+    problems: list[str] = []
     checked = set()
-    for s in settings:  # every distinct rule is checked before the first run starts
+    for s in settings:  # every distinct rule and every run folder is checked before the first run starts
         key = (s.cfg.federated.aggregator.name, repr(s.cfg.federated.aggregator.params), s.cfg.federated.round_size)
         if key not in checked:
-            preflight(s.cfg)
             checked.add(key)
-    out = Path(args.out) if args.out else Path(settings[0].cfg.execution.output_dir) / "sweeps" / name
+            problems += [f"[{', '.join(label for _, label in s.labels)}] {p}" for p in rule_problems(s.cfg)]
+        run_dir = out / "runs" / s.slug
+        folder = run_dir_problem(run_dir)
+        if folder and not ((run_dir / "summary.json").exists() and same_run(run_dir, s.cfg)):  # reused as it is
+            problems.append(folder)
+    if problems:
+        raise ConfigError(problems)
+    load_dataset(settings[0].cfg)
 
     def start(i: int, total: int, setting: Setting) -> None:
         say(f"[{i + 1}/{total}] {setting.slug}")
@@ -95,11 +120,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         say(f"Flower connection `{deploy.CONNECTION}`: FLWR_HOME={dep.flwr_home} flwr run . {deploy.CONNECTION}")
         return 0
     if args.action == "run":
-        cfg = load_experiment(args.experiment, args.set or ())
+        cfg = check_experiment(args.experiment, args.set or ())
         dep = deploy.Deployment.load(folder.resolve())
         deploy.check_fits(cfg, dep)
-        preflight(cfg)
         out = Path(args.out) if args.out else folder / "runs" / cfg.name
+        problem = run_dir_problem(out)
+        if problem:
+            raise ConfigError(problem)
+        load_dataset(cfg)
         say(f"running {cfg.name} on the deployment in {dep.folder} -> {out}")
         s = deploy.run_experiment(folder, cfg, out, progress_printer(cfg))
         asr = s.get("final_asr")
@@ -181,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one experiment in Flower simulation")
     run.add_argument("experiment", help="experiment YAML file")
     run.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override keys, e.g. training.rounds=5")
-    run.add_argument("--out", help="run folder (default: <execution.output_dir>/<name>)")
+    run.add_argument("--out", help="run folder (default: <execution.output_dir>/<name>); a folder the lab did not "
+                     f"create must be empty (the lab marks its run folders with {RUN_MARKER})")
+    run.add_argument("--check", action="store_true",
+                     help="check the experiment, the rule and the run folder, start nothing: exit 0 with one "
+                          "'ok:' line, or 2 with every problem")
     run.set_defaults(func=cmd_run)
     sweep = sub.add_parser("sweep", help="run a grid of experiments and compare them")
     sweep.add_argument("sweep", help="sweep YAML file (see experiments/sweeps/)")

@@ -42,6 +42,6 @@ def guarded(prog: str, body: Callable[[], int]) -> int:
     except LabError as exc:
         sys.stderr.write(f"{prog}: {exc}\n")
         return 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{prog}: interrupted\n")
+    except KeyboardInterrupt as exc:  # a run's RunInterrupted says where it stopped
+        sys.stderr.write(f"{prog}: {exc or 'interrupted'}\n")
         return 130

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from commands.console import guarded, progress_printer, say
-from commands.preflight import preflight
+from commands.launch import claim_run_dir
+from commands.preflight import preflight, run_dir_problem
 from commands.tools import TOOLS
 from lab import log as lablog
 from lab.artifacts import write_json
 from lab.config import ExperimentConfig, load_experiment, with_values
-from lab.errors import RunError
+from lab.errors import ConfigError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,11 @@ def demo(out: Path, quick: bool, defense: str) -> int:
     runs, note = plan(quick, defense)
     for r in runs[:2]:  # the two rules: a bad setting fails before anything starts
         preflight(r.cfg)
-    out = out.resolve()
+    # Only a folder the lab created (or an empty one) is cleaned: never `--out .` or `--out ~`.
+    problems = [p for p in (run_dir_problem(d) for d in [out, *(out / r.dir for r in runs)]) if p]
+    if problems:
+        raise ConfigError(problems)
+    out = claim_run_dir(out)
     # A fresh demo: remove only what an earlier demo wrote here.
     for r in runs:
         shutil.rmtree(out / r.dir, ignore_errors=True)

@@ -16,7 +16,10 @@ and `superlink` for compose); SuperNodes and the `flwr` CLI trust only that CA (
 connection key `root-certificates`). Node authentication: each SuperNode has its own P-384 key
 pair; the SuperLink runs with `--enable-supernode-auth` and accepts only the public keys registered
 through its Control API (`flwr supernode register`), which is how Flower 1.41 and 1.42 list keys (the
-old `--auth-list-public-keys` CSV is refused by both). Flower requires TLS for node auth.
+old `--auth-list-public-keys` CSV is refused by both). Flower requires TLS for node auth. The Control
+API itself authenticates nobody: open-source Flower 1.42 has no account auth (OIDC needs the
+enterprise plugin; FLWR_OIDC_ENABLED=1 exits) and its TLS asks no client certificate, so any local
+user who reaches the loopback port can submit an app, which runs as us. Trust the machine's users.
 
 Isolation: in both of Flower's modes every message starts a fresh `flwr-clientapp` process (which
 imports torch); 1.41/1.42's warm executor pools exist only for Kubernetes and not for ClientApps. The
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from commands import procs
+from commands.interrupt import RunInterrupted, interrupted_where
 from commands.launch import (
     BIN,
     finished_summary,
@@ -336,6 +340,7 @@ def run_experiment(
 
     Raises:
         RunError: the Flower run did not complete.
+        RunInterrupted: Ctrl-C; the run stopped at a round boundary (see commands.interrupt).
     """
     dep = Deployment.load(folder.resolve())
     check_fits(cfg, dep)
@@ -344,8 +349,11 @@ def run_experiment(
     out_dir = prepare_run_dir(cfg, out_dir)
     run_config = {"experiment-text": dump_yaml(cfg), "output-dir": str(out_dir),
                   "malicious-partitions": ",".join(str(p) for p in dep.malicious) or "none"}
-    outcome = flwr_run(CONNECTION, dep.flwr_home, run_config, out_dir, None, on_progress,
-                       out_dir / "metrics.jsonl")
+    try:
+        outcome = flwr_run(CONNECTION, dep.flwr_home, run_config, out_dir, None, on_progress,
+                           out_dir / "metrics.jsonl")
+    except KeyboardInterrupt:
+        raise RunInterrupted(interrupted_where(out_dir, cfg.training.rounds)) from None
     summary = finished_summary(outcome, out_dir)
     summary["failures"] = sum(len(r.get("failures") or []) for r in read_jsonl(out_dir / "metrics.jsonl"))
     return summary

@@ -29,10 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from commands.interrupt import STOP_GRACE, RunInterrupted, clear_stop, interrupted_where, request_stop
+from commands.preflight import run_dir_problem
 from commands.procs import family, terminate
 from lab.artifacts import atomic_write_text, read_jsonl
 from lab.config import ExperimentConfig, dump_yaml
-from lab.errors import RunError
+from lab.errors import ConfigError, RunError
+from lab.runfolder import RUN_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,21 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     })
     return env
+
+
+def simulation_env(flwr_home: Path) -> dict[str, str]:
+    """flower_env for a simulation SuperLink; flwr-simulation and every Ray process inherit it.
+
+    Ray (2.55, pinned by flwr 1.42) binds its GCS, raylets, workers and agents to the node IP, on
+    every interface, and Flower calls `ray.init` with no way to pass `_node_ip_address` (which Ray
+    would turn from 127.0.0.1 back into the machine's IP anyway). RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    is Ray's own "this machine only" switch (its macOS/Windows default): the node IP becomes loopback
+    and every Ray server binds there. Loopback still admits any local user, and Ray runs what it is
+    sent: token authentication, with a fresh 256-bit token per run kept in the environment only
+    (readable by our user alone), keeps them out.
+    """
+    return {**flower_env(flwr_home), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": os.urandom(32).hex()}
 
 
 def free_port() -> int:
@@ -110,7 +128,7 @@ def simulation_superlink(flwr_home: Path, log_path: Path) -> Iterator[str]:
         proc = subprocess.Popen(
             [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
-            stdout=log_file, stderr=subprocess.STDOUT, env=flower_env(flwr_home), start_new_session=True,
+            stdout=log_file, stderr=subprocess.STDOUT, env=simulation_env(flwr_home), start_new_session=True,
         )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 60, lambda: proc.poll() is None)
@@ -148,8 +166,11 @@ def flwr_run(
     metrics_path: Path | None = None,
     app_dir: Path = APP_DIR,
 ) -> RunOutcome:
-    """`flwr run APP connection --stream`, progress from metrics.jsonl, status from `flwr ls`."""
+    """`flwr run APP connection --stream`, progress from metrics.jsonl, status from `flwr ls`; on
+    Ctrl-C the run stops at the next round boundary (commands.interrupt) and KeyboardInterrupt
+    propagates."""
     env = flower_env(flwr_home)
+    clear_stop(work_dir)  # an interrupted run's request would stop this one after round 0
     cfg_file = work_dir / "run_config.toml"
     atomic_write_text(cfg_file, run_config_toml(run_config))
     cmd = [str(BIN / "flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(cfg_file)]
@@ -175,10 +196,7 @@ def flwr_run(
                     run_id = match.group(1).decode()
             proc.wait()
         except KeyboardInterrupt:
-            if run_id is not None:
-                subprocess.run([str(BIN / "flwr"), "stop", run_id, connection], env=env, cwd=work_dir,
-                               capture_output=True, timeout=60, check=False)
-            stop_process(proc)
+            _stop_run(proc, out, run_id, connection, env, work_dir)
             raise
         finally:
             stop.set()
@@ -188,6 +206,28 @@ def flwr_run(
     if proc.returncode != 0 and status == "unknown":
         status, details = "failed", f"`flwr run` exited with {proc.returncode}"
     return RunOutcome(run_id, status, details, time.monotonic() - started)
+
+
+def _stop_run(proc: subprocess.Popen[bytes], log_file: Any, run_id: str | None, connection: str,
+              env: dict[str, str], work_dir: Path) -> None:
+    """Ctrl-C: the ServerApp stops at the next round boundary; `flwr stop` only when none comes
+    within STOP_GRACE seconds, or on a second Ctrl-C."""
+    request_stop(work_dir)
+    sys.stderr.write("fl-lab: stopping after the current round (Ctrl-C again to stop at once)\n")
+    # `flwr run --stream` prints on until the run ends: a full pipe would block it.
+    drain = threading.Thread(target=shutil.copyfileobj, args=(proc.stdout, log_file), daemon=True)
+    drain.start()
+    try:
+        with contextlib.suppress(KeyboardInterrupt, subprocess.TimeoutExpired):
+            proc.wait(STOP_GRACE)
+        if proc.poll() is None and run_id is not None:
+            subprocess.run([str(BIN / "flwr"), "stop", run_id, connection], env=env, cwd=work_dir,
+                           capture_output=True, timeout=60, check=False)
+    finally:
+        stop_process(proc)
+        drain.join(5)
+        if run_id is not None:  # the run ended or Flower stopped it; without an id, a run may yet start
+            clear_stop(work_dir)
 
 
 def run_status(connection: str, flwr_home: Path, run_id: str | None, work_dir: Path) -> tuple[str, str]:
@@ -229,29 +269,57 @@ def run_experiment(
 
     Raises:
         RunError: the Flower run failed (with Flower's status details and the log path).
+        RunInterrupted: Ctrl-C; the message says after which round the run stopped.
     """
     out_dir = prepare_run_dir(cfg, out_dir)
     flwr_home = out_dir / ".flwr"
     fed = cfg.federated
     federation = (f"num-supernodes={fed.num_clients} "
                   f"client-resources-num-cpus={cfg.execution.client_cpus:g}")
-    with simulation_superlink(flwr_home, out_dir / "logs" / "superlink.log") as connection:
-        outcome = flwr_run(
-            connection, flwr_home,
-            {"experiment-text": dump_yaml(cfg), "output-dir": str(out_dir)},
-            out_dir, federation, on_progress, out_dir / "metrics.jsonl",
-        )
+    try:
+        with simulation_superlink(flwr_home, out_dir / "logs" / "superlink.log") as connection:
+            outcome = flwr_run(
+                connection, flwr_home,
+                {"experiment-text": dump_yaml(cfg), "output-dir": str(out_dir)},
+                out_dir, federation, on_progress, out_dir / "metrics.jsonl",
+            )
+    except KeyboardInterrupt:
+        raise RunInterrupted(interrupted_where(out_dir, cfg.training.rounds)) from None
     return finished_summary(outcome, out_dir)
+
+
+def claim_run_dir(out_dir: Path) -> Path:
+    """The absolute `out_dir`, created if needed and marked as a run folder of the lab.
+
+    Raises:
+        ConfigError: the folder is not empty and not one of the lab's (see `run_dir_problem`).
+    """
+    problem = run_dir_problem(out_dir)
+    if problem:
+        raise ConfigError(problem)
+    out_dir = out_dir.resolve()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not (out_dir / RUN_MARKER).is_file():
+            atomic_write_text(out_dir / RUN_MARKER, "A run folder of fl-lab: a new run here replaces the earlier "
+                                                    "run's results (metrics, checkpoints, captures, ...).\n")
+    except OSError as exc:
+        raise ConfigError(f"run folder {out_dir}: cannot be created ({exc.strerror or exc})") from None
+    return out_dir
 
 
 def prepare_run_dir(cfg: ExperimentConfig, out_dir: Path) -> Path:
     """The absolute run folder with the resolved config in it and no stale results; a resumed run
-    (execution.resume) keeps the metrics the interrupted one wrote."""
-    out_dir = out_dir.resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (execution.resume) keeps the metrics the interrupted one wrote.
+
+    Raises:
+        ConfigError: `out_dir` is a folder the lab did not create and is not empty (nothing is
+            removed from it).
+    """
+    out_dir = claim_run_dir(out_dir)
     (out_dir / "summary.json").unlink(missing_ok=True)
     if not cfg.execution.resume:
-        # A new run in an old folder: what the earlier run (and the tools after it) wrote would
+        # A new run in an old run folder: what the earlier run (and the tools after it) wrote would
         # otherwise sit beside the new results. Only our own artifacts are removed.
         for stale in ("metrics.jsonl", "final.safetensors", "verification.json"):
             (out_dir / stale).unlink(missing_ok=True)

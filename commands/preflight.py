@@ -1,22 +1,112 @@
-"""Config-time checks that need the model and the rule registry, before any Flower process starts."""
+"""Config-time checks, before any Flower process starts: every problem of an experiment at once.
+
+`check_experiment` is what `fl-lab run --check` runs, and what `fl-lab run` runs first: the file's
+own problems (`lab.config.review_experiment`: YAML, types, values, the trigger's fit) and the rule's
+build-time checks (`strategies.registry.check_config`: unknown rule, hyperparameter types, Krum's
+n > 2f + 2, ...), gathered into one ConfigError. The kernel (lab/) cannot import the rules, so the
+two halves meet here. `run_dir_problem` checks a run folder the same way: the lab writes into, and
+cleans, only folders it created (RUN_MARKER) or empty ones.
+"""
 
 from __future__ import annotations
 
-from lab.config import ExperimentConfig
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lab.config import ExperimentConfig, review_experiment
 from lab.errors import ConfigError
+from lab.runfolder import RUN_MARKER
+
+# What a rule's build-time check reads. When one of these could not be read, or is impossible,
+# the check would judge a stand-in (a default, a guess), not what the user wrote: it waits.
+RULE_INPUTS = ("federated.num_clients", "federated.clients_per_round", "federated.fraction", "federated.aggregator",
+               "training.model", "dataset.name", "dataset.image_size")
+
+
+def check_experiment(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load and check everything that can be checked without data or processes.
+
+    Raises:
+        ConfigError: every problem of the file, its overrides and the rule, each with its key path.
+    """
+    review = review_experiment(source, overrides)
+    problems = list(review.problems)
+    if review.cfg is not None and not review.touches(RULE_INPUTS):
+        problems += rule_problems(review.cfg)
+    elif review.cfg is not None and not review.touches(["federated.aggregator.name"]):
+        from strategies.registry import unknown_rule  # the name, at least, is what the user wrote
+
+        problems += [p for p in [unknown_rule(review.cfg.federated.aggregator.name)] if p]
+    if problems or review.cfg is None:
+        raise ConfigError(problems)
+    return review.cfg
+
+
+def rule_problems(cfg: ExperimentConfig) -> list[str]:
+    """The rule's build-time problems (empty when it builds), for the model the experiment trains.
+
+    The model is built on torch's meta device: its layout (what FLAME reads) without memory or data.
+    """
+    # Imported here, not at the top: they bring torch, which `fl-lab --help` does not need.
+    import torch
+
+    from lab.models import build_model
+    from lab.records import ParamLayout
+    from lab.validation import NUM_CLASSES, image_shape
+    from strategies import registry, types
+
+    shape = image_shape(cfg.dataset)
+    with torch.device("meta"):
+        model = build_model(cfg.training.model, shape, NUM_CLASSES[cfg.dataset.name], (0.0,) * shape[0],
+                            (1.0,) * shape[0])
+    layout = ParamLayout.of(model.state_dict())
+    ctx = types.AggregatorContext(layout=layout, clients_per_round=cfg.federated.round_size, seed=cfg.seed)
+    return registry.check_config(cfg, ctx)
 
 
 def preflight(cfg: ExperimentConfig) -> None:
-    """Config-time checks that need the model and the rule registry (before any process starts)."""
-    # Imported here, not at the top: they bring torch, which `fl-lab --help` does not need.
-    from lab.data import load_data
-    from lab.records import ParamLayout
-    from lab.task import build_for, state_of
-    from strategies import registry, types
+    """The rule's build-time checks and the dataset, for an already loaded experiment.
 
-    data = load_data(cfg.dataset, cfg.seed)
-    layout = ParamLayout.of(state_of(build_for(cfg, data)))
-    ctx = types.AggregatorContext(layout=layout, clients_per_round=cfg.federated.round_size, seed=cfg.seed)
-    problems = registry.check_config(cfg, ctx)
+    Raises:
+        ConfigError: the rule cannot be built as configured.
+        DataError: the dataset cannot be found or read.
+    """
+    problems = rule_problems(cfg)
     if problems:
         raise ConfigError(problems)
+    load_dataset(cfg)
+
+
+def load_dataset(cfg: ExperimentConfig) -> None:
+    """Load the experiment's data once here, so a missing dataset fails before Flower starts.
+
+    Raises:
+        DataError: the dataset cannot be found or read.
+    """
+    from lab.data import load_data
+
+    load_data(cfg.dataset, cfg.seed)
+
+
+def run_dir_problem(out_dir: Path) -> str | None:
+    """Why `out_dir` cannot hold a new run, or None: it must not exist yet, be empty, or be one of
+    the lab's own run folders (it holds RUN_MARKER). Nothing is created or changed."""
+    try:
+        out_dir = out_dir.resolve()
+        if (out_dir / RUN_MARKER).is_file():
+            return None
+        if out_dir.exists():
+            if not out_dir.is_dir():
+                return f"run folder {out_dir}: exists and is not a folder"
+            if any(out_dir.iterdir()):
+                return (f"run folder {out_dir}: not empty and not an fl-lab run folder (it has no {RUN_MARKER}); "
+                        f"the lab reuses only folders it created: choose another --out or name, or an empty "
+                        f"folder (an earlier lab run folder: `touch {out_dir / RUN_MARKER}` to adopt it)")
+            return None
+        above = next(p for p in out_dir.parents if p.exists())
+        if not above.is_dir():
+            return f"run folder {out_dir}: {above} is not a folder"
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        return f"run folder {out_dir}: cannot be used ({getattr(exc, 'strerror', None) or exc})"
+    return None

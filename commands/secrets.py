@@ -28,7 +28,7 @@ def make_certificates(folder: Path, hosts: Iterable[str] = ("localhost", "127.0.
     """A local CA and a SuperLink server certificate signed by it (P-384 ECDSA keys).
 
     Args:
-        folder: where ca.crt, ca.key, server.crt, server.key go (keys are chmod 600).
+        folder: where ca.crt, ca.key, server.crt, server.key go (keys are 0600 from their creation).
         hosts: DNS names / IP addresses for the server certificate's subjectAltName.
     """
     from cryptography import x509
@@ -93,8 +93,8 @@ def make_node_key(private_path: Path) -> Path:
 
 
 def _write_secret(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data)
-    path.chmod(0o600)
+    """A private key, 0600 from the creation of its temporary file (never a moment readable by others)."""
+    atomic_write_bytes(path, data, private=True)
 
 
 def make_secrets(folder: Path, nodes: int, hosts: Iterable[str] = ("localhost", "127.0.0.1", "superlink")

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from inversion.attacks import ATTACKS
-from inversion.entry import entry_bar, invert_one, judge_model
+from inversion.entry import entry_bar, invert_one, load_tools
 from inversion.optimizer import IG_PRESETS
 from lab import log as lablog
-from lab.artifacts import read_jsonl
-from lab.config import load_experiment
+from lab.config import ExperimentConfig, load_experiment
 from lab.errors import CaptureError, LabError
-from lab.task import build_for, set_threads, usable_cores
+from lab.runfolder import MANIFEST, ManifestEntry, check_id, contained, read_manifest
+from lab.task import set_threads, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +39,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def locate(path: Path) -> tuple[Path, list[dict[str, Any]]]:
-    """(run folder, manifest rows to invert) for a run folder or a single entry file."""
+def find_run(path: Path) -> Path:
+    """The run folder of a run folder, or of one capture entry file inside its captures/."""
     if path.is_file():
         run = next((p for p in path.parents if (p / "config.yaml").exists()), None)
         if run is None:
             raise CaptureError(f"{path}: no config.yaml in any parent folder (which run is this?)")
-        captures = run / "captures"
-        rel = path.resolve().relative_to(captures.resolve()).as_posix()
-        rows = [r for r in read_jsonl(captures / "manifest.jsonl") if r["file"] == rel]
-        return run, rows or [{"id": rel.removesuffix(".safetensors"), "file": rel, "evidence": None}]
+        return run
     if not (path / "config.yaml").exists():
         raise CaptureError(f"{path}: not a run folder (no config.yaml)")
-    manifest = path / "captures" / "manifest.jsonl"
-    rows = read_jsonl(manifest)
-    if not rows:
-        raise CaptureError(f"{manifest}: no captured updates (enable `capture` in the experiment)")
-    return path, rows
+    return path
+
+
+def locate(path: Path, run: Path, cfg: ExperimentConfig) -> list[ManifestEntry]:
+    """The checked manifest entries to invert: all of the run's, or the one entry file `path` names.
+
+    Raises:
+        CaptureError: no manifest, an empty one, a bad row, or an entry file outside captures/.
+        UnsafePathError: a path in the manifest leads outside the run folder.
+    """
+    captures = run / "captures"
+    entries = read_manifest(run)
+    if path.is_file():
+        file = path.resolve()
+        try:
+            rel = file.relative_to(captures.resolve()).as_posix()
+        except ValueError:
+            raise CaptureError(f"{path}: not inside {captures} (an entry file lives in its run's captures/)") from None
+        rows = [e for e in entries if e.file == file]
+        return rows or [ManifestEntry(id=check_id(rel.removesuffix(".safetensors"), str(path)), file=file)]
+    if entries:
+        return entries
+    manifest = run / MANIFEST
+    if manifest.exists():
+        raise CaptureError(f"{manifest}: empty, no update was captured (capture rounds {list(cfg.capture.rounds)} "
+                           "not reached, or the capture budget was spent)")
+    files = [p for p in captures.rglob("*.safetensors") if "evidence" not in p.relative_to(captures).parts] \
+        if captures.is_dir() else []
+    if files:
+        raise CaptureError(f"{manifest}: missing, though {captures} holds {len(files)} entry file(s) (an incomplete "
+                           f"copy?); invert one directly: fl-lab invert {files[0]}")
+    if not cfg.capture.enabled:
+        raise CaptureError(f"{run}: capture was disabled in this run (set capture.enabled in the experiment)")
+    raise CaptureError(f"{manifest}: missing, and {captures} holds no entries although capture was enabled "
+                       "(did the run reach a capture round?)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,30 +96,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_dir, rows = locate(Path(args.run_dir))
+    path = Path(args.run_dir)
+    run_dir = find_run(path)
+    cfg = load_experiment(contained(run_dir, "config.yaml", "run config"))
+    rows = locate(path, run_dir, cfg)
     if args.entry:
-        known = {r["id"] for r in rows}
+        known = {r.id for r in rows}
         missing = [e for e in args.entry if e not in known]
         if missing:
             raise CaptureError(f"no such capture entry {missing}; known: {sorted(known)}")
-        rows = [r for r in rows if r["id"] in args.entry]
+        rows = [r for r in rows if r.id in args.entry]
     if args.jobs < 0:
         raise LabError(f"--jobs must be >= 0, got {args.jobs}")
-    cfg = load_experiment(run_dir / "config.yaml")
-    out_root = Path(args.out) if args.out else run_dir / "inversion"
+    # Every output folder is checked before the first write: an id may not lead out of the output
+    # folder, and the default output folder may not lead out of the run (a planted symlink).
+    out_root = Path(args.out) if args.out else contained(run_dir, "inversion", "output folder")
+    outs = {r.id: contained(out_root, r.id, f"output folder of entry {r.id!r}") for r in rows}
     jobs = min(args.jobs or usable_cores(), len(rows))
     if jobs > 1:
         from inversion.parallel import invert_parallel
 
-        results = invert_parallel(args, run_dir, rows, out_root, jobs, cfg.execution.num_threads)
+        results = invert_parallel(args, run_dir, rows, outs, jobs, cfg.execution.num_threads)
     else:
         set_threads(cfg.execution.num_threads)
-        model = build_for(cfg)
-        judge = judge_model(cfg, run_dir)
+        tools = load_tools(cfg, run_dir)
         results = []
         for row in rows:
-            with entry_bar(row["id"], args.quiet) as progress:
-                results.append(invert_one(cfg, args, run_dir, row, model, judge, out_root / row["id"], progress))
+            with entry_bar(row.id, args.quiet) as progress:
+                results.append(invert_one(cfg, args, row, tools, outs[row.id], progress))
     sys.stdout.write(table(results) + "\n")
     return 0
 

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lab import log as lablog
 from lab.config import ExperimentConfig, load_experiment
-from lab.task import build_for, set_threads
-from inversion.entry import Progress, entry_bar, invert_one, judge_model
+from lab.errors import LabError
+from lab.runfolder import ManifestEntry
+from lab.task import set_threads
+from inversion.entry import Progress, Tools, entry_bar, invert_one, load_tools
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +40,33 @@ _REPORT_EVERY = 0.1  # seconds between progress messages from one worker
 class _Worker:
     """What one worker process reads once and uses for every entry it inverts."""
 
-    run_dir: Path
     cfg: ExperimentConfig
-    model: torch.nn.Module
-    judge: torch.nn.Module | None
+    tools: Tools
     progress_queue: Any
     stop: Any
 
 
 _worker: _Worker | None = None  # set in each worker process by _start_worker
+# A LabError while a worker starts (e.g. a corrupt final.safetensors): kept and raised by the first
+# entry the worker is given, so the parent reports it as one line rather than a broken pool.
+_start_error: LabError | None = None
 
 
 def _start_worker(threads: int, run_dir: str, progress_queue: Any, stop: Any) -> None:
-    global _worker
+    global _worker, _start_error
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; see the module docstring
     set_threads(threads)
     lablog.configure("WARNING")
-    cfg = load_experiment(Path(run_dir) / "config.yaml")
-    _worker = _Worker(Path(run_dir), cfg, build_for(cfg), judge_model(cfg, Path(run_dir)), progress_queue, stop)
+    try:
+        cfg = load_experiment(Path(run_dir) / "config.yaml")  # the parent checked it lies inside the run
+        _worker = _Worker(cfg, load_tools(cfg, Path(run_dir)), progress_queue, stop)
+    except LabError as exc:
+        _start_error = exc
 
 
-def _invert_in_worker(args: dict[str, Any], row: dict[str, Any], out: str) -> dict[str, Any] | None:
+def _invert_in_worker(args: dict[str, Any], row: ManifestEntry, out: str) -> dict[str, Any] | None:
+    if _start_error is not None:
+        raise _start_error
     w = _worker
     assert w is not None, "_start_worker did not run"
     if w.stop.is_set():
@@ -74,9 +80,9 @@ def _invert_in_worker(args: dict[str, Any], row: dict[str, Any], out: str) -> di
         now = time.monotonic()
         if now - last >= _REPORT_EVERY:
             last = now
-            w.progress_queue.put((row["id"], iteration, loss))
+            w.progress_queue.put((row.id, iteration, loss))
 
-    return invert_one(w.cfg, argparse.Namespace(**args), w.run_dir, row, w.model, w.judge, Path(out), progress)
+    return invert_one(w.cfg, argparse.Namespace(**args), row, w.tools, Path(out), progress)
 
 
 def _drain(progress_queue: Any, feeds: dict[str, Progress]) -> None:
@@ -88,17 +94,20 @@ def _drain(progress_queue: Any, feeds: dict[str, Progress]) -> None:
         feeds[entry](iteration, loss)
 
 
-def invert_parallel(args: argparse.Namespace, run_dir: Path, rows: list[dict[str, Any]], out_root: Path,
+def invert_parallel(args: argparse.Namespace, run_dir: Path, rows: list[ManifestEntry], outs: dict[str, Path],
                     jobs: int, threads: int) -> list[dict[str, Any]]:
-    """Metrics of every entry inverted (in `rows` order); raises the first worker's error."""
+    """Metrics of every entry inverted (in `rows` order); raises the first worker's error.
+
+    `rows` are checked manifest entries and `outs` their checked output folders (by entry id).
+    """
     ctx = mp.get_context("spawn")  # no fork of a process that may hold torch threads
     progress_queue, stop = ctx.Queue(), ctx.Event()
     with contextlib.ExitStack() as stack:
-        feeds = {row["id"]: stack.enter_context(entry_bar(row["id"], args.quiet, position=i))
+        feeds = {row.id: stack.enter_context(entry_bar(row.id, args.quiet, position=i))
                  for i, row in enumerate(rows)}
         pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_start_worker,
                                                        initargs=(threads, str(run_dir), progress_queue, stop)))
-        futures = {pool.submit(_invert_in_worker, vars(args), row, str(out_root / row["id"])): row["id"]
+        futures = {pool.submit(_invert_in_worker, vars(args), row, str(outs[row.id])): row.id
                    for row in rows}
         pending: set[Future[dict[str, Any] | None]] = set(futures)
         while pending:

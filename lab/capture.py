@@ -4,7 +4,8 @@ One entry is one safetensors file. Tensors are named `global/<key>` (the weights
 `update/<key>` (client weights minus global, same keys; integer buffers are zero) and, only when the
 threat model grants them, `labels`. The scalars live in the safetensors metadata, each value a
 JSON-encoded string. Writes are atomic (`lab.artifacts.save_tensors`), so a crash never leaves a
-half-written entry; a truncated or foreign file raises `CaptureError` naming the file.
+half-written entry, and private (0600 files, 0700 folders); a truncated or foreign file raises
+`CaptureError` naming the file.
 
 Semantics of an update (what the inversion's unrolled objective assumes): the client started from
 `global_state`, set its model to train mode and ran `steps` steps of `torch.optim.SGD(lr, momentum,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from lab.artifacts import save_tensors
+from lab.artifacts import private_dirs, save_tensors
 from lab.errors import CaptureError
 from lab.task import LocalHyperparams
 
@@ -81,7 +83,7 @@ def write_entry(path: Path, entry: CapturedUpdate) -> None:
     meta["image_shape"] = list(entry.image_shape) if entry.image_shape is not None else None
     metadata = {k: json.dumps(v) for k, v in meta.items()}
     metadata["format"] = json.dumps(FORMAT)
-    save_tensors(Path(path), tensors, metadata)
+    _save_private(Path(path), tensors, metadata)
 
 
 def read_entry(path: Path) -> CapturedUpdate:
@@ -96,22 +98,29 @@ def read_entry(path: Path) -> CapturedUpdate:
     missing = [k for k in (*_SCALARS, "hyperparams", "keys") if k not in meta]
     if missing:
         raise CaptureError(f"{path}: capture entry lacks metadata {missing}")
-    keys = list(meta["keys"])
+    keys = meta["keys"]
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise CaptureError(f"{path}: bad capture metadata (keys must be a list of names)")
     absent = [k for k in keys if f"global/{k}" not in tensors or f"update/{k}" not in tensors]
     if absent:
         raise CaptureError(f"{path}: capture entry lacks tensors for {absent[:3]}")
     try:
-        hp = LocalHyperparams(**meta["hyperparams"])
+        hp = _hyperparams(meta["hyperparams"])
         scalars = {k: int(meta[k]) for k in _SCALARS}
         shape = meta.get("image_shape")
         image_shape = (int(shape[0]), int(shape[1]), int(shape[2])) if shape is not None else None
-    except (TypeError, ValueError, IndexError) as exc:
+    except (TypeError, ValueError, IndexError, KeyError) as exc:
         raise CaptureError(f"{path}: bad capture metadata ({exc})") from None
+    if image_shape is not None and (len(shape) != 3 or min(image_shape) < 1):
+        raise CaptureError(f"{path}: bad capture metadata (image_shape {shape!r} is not (C, H, W))")
+    labels = tensors.get("labels")
+    if labels is not None and (labels.ndim != 1 or labels.is_floating_point() or labels.is_complex()):
+        raise CaptureError(f"{path}: labels must be (B,) integers, got {labels.dtype} {tuple(labels.shape)}")
     return CapturedUpdate(
         global_state={k: tensors[f"global/{k}"] for k in keys},
         update={k: tensors[f"update/{k}"] for k in keys},
         hyperparams=hp,
-        labels=tensors.get("labels"),
+        labels=labels,
         image_shape=image_shape,
         **scalars,
     )
@@ -127,8 +136,15 @@ def write_evidence(path: Path, images: Tensor, labels: Tensor) -> None:
     if images.ndim != 4 or labels.shape != (images.shape[0],):
         raise CaptureError(f"{path}: evidence wants images (B,C,H,W) and labels (B,), "
                            f"got {tuple(images.shape)} and {tuple(labels.shape)}")
-    save_tensors(Path(path), {"images": images.float(), "labels": labels.to(torch.int64)},
-                 {"format": json.dumps(EVIDENCE_FORMAT)})
+    _save_private(Path(path), {"images": images.float(), "labels": labels.to(torch.int64)},
+                  {"format": json.dumps(EVIDENCE_FORMAT)})
+
+
+def _save_private(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Captures and evidence are private data (an update gives the client's images away): the file
+    is 0600 from its creation, and the folders this write creates are 0700."""
+    private_dirs(path.parent)
+    save_tensors(path, tensors, metadata, private=True)
 
 
 def read_evidence(path: Path) -> tuple[Tensor, Tensor]:
@@ -140,7 +156,12 @@ def read_evidence(path: Path) -> tuple[Tensor, Tensor]:
     tensors, meta = _read(Path(path), "evidence file")
     if meta.get("format") != EVIDENCE_FORMAT or "images" not in tensors or "labels" not in tensors:
         raise CaptureError(f"{path}: not an evidence file")
-    return tensors["images"], tensors["labels"]
+    images, labels = tensors["images"], tensors["labels"]
+    if (images.ndim != 4 or not images.is_floating_point() or labels.shape != (images.shape[0],)
+            or labels.is_floating_point() or labels.is_complex() or bool((labels < 0).any())):
+        raise CaptureError(f"{path}: evidence wants float images (B,C,H,W) and labels (B,) >= 0, "
+                           f"got {images.dtype} {tuple(images.shape)} and {labels.dtype} {tuple(labels.shape)}")
+    return images.float(), labels.long()
 
 
 def check_fits(entry: CapturedUpdate, model: nn.Module) -> None:
@@ -157,6 +178,18 @@ def check_fits(entry: CapturedUpdate, model: nn.Module) -> None:
                      for k, shape in expected.items() if tuple(state[k].shape) != shape]
     if problems:
         raise CaptureError("capture entry does not fit the model: " + "; ".join(problems[:4]))
+
+
+def _hyperparams(raw: Any) -> LocalHyperparams:
+    """LocalHyperparams from an entry's metadata, with the types checked (a foreign file may hold anything)."""
+    hp = LocalHyperparams(**raw)
+    ints = [hp.epochs, hp.batch_size] + ([] if hp.steps is None else [hp.steps])
+    floats = [hp.lr, hp.momentum, hp.weight_decay]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+        raise ValueError(f"hyperparams {raw!r}: epochs, steps and batch_size must be integers >= 0")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in floats):
+        raise ValueError(f"hyperparams {raw!r}: lr, momentum and weight_decay must be finite numbers")
+    return hp
 
 
 def _read(path: Path, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -1,18 +1,22 @@
 """Parsed YAML <-> typed config dataclasses, collecting every problem with its key path.
 
 `convert` never raises for a user mistake: it appends 'key.path: reason' to `problems` and returns
-`MISSING` for that field, so the caller can report every problem of a file at once.
+`MISSING` for that field, so the caller can report every problem of a file at once. A float must
+be finite (`.inf` and `.nan` are never a meaningful setting) and an integer must fit 64 bits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
 MISSING = object()
+# No count, size or seed of the lab goes near this; beyond it numpy and torch overflow.
+INT_LIMIT = 2**63 - 1
 
 
 def convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
@@ -29,9 +33,10 @@ def convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         hints = typing.get_type_hints(tp)
         for key in value:
             if key not in fields:
+                shown = str(key) if str(key).isprintable() and len(str(key)) <= 40 else _show(key, 40)
                 near = [k for k in fields if k.startswith(str(key)[:3])]
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
-                problems.append(f"{_join(path, str(key))}: unknown key{hint}; "
+                problems.append(f"{_join(path, shown)}: unknown key{hint}; "
                                 f"known: {', '.join(sorted(fields))}")
         kwargs = {}
         for name in fields:
@@ -48,7 +53,7 @@ def convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         allowed = typing.get_args(tp)
         if value in allowed and type(value) is type(allowed[allowed.index(value)]):
             return value
-        problems.append(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        problems.append(f"{where}: {_show(value)} is not one of {', '.join(map(repr, allowed))}")
         return MISSING
     if origin in (Union, types.UnionType):
         options = typing.get_args(tp)
@@ -61,8 +66,11 @@ def convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             out = convert(option, value, path, trial)
             if not trial:
                 return out
+            if option in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                problems.extend(trial)  # a number of the right kind, but not a usable one (inf, too large)
+                return MISSING
         names = " or ".join(_type_name(o) for o in options)
-        problems.append(f"{where}: expected {names}, got {_kind(value)} {value!r}")
+        problems.append(f"{where}: expected {names}, got {_kind(value)} {_show(value)}")
         return MISSING
     if origin is tuple:
         args = typing.get_args(tp)
@@ -78,9 +86,15 @@ def convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         return dict(value)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > INT_LIMIT or not math.isfinite(value):
+                problems.append(f"{where}: expected a finite number, got {_show(value)}")
+                return MISSING
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > INT_LIMIT:
+                problems.append(f"{where}: {_show(value)} is too large for a 64-bit integer")
+                return MISSING
             return value
     elif tp is bool or tp is str:
         if isinstance(value, tp):
@@ -89,8 +103,17 @@ def convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         return value
     else:  # pragma: no cover - a schema bug, not a user mistake
         raise TypeError(f"unsupported config type {tp!r} at {where}")
-    problems.append(f"{where}: expected {_type_name(tp)}, got {_kind(value)} {value!r}")
+    problems.append(f"{where}: expected {_type_name(tp)}, got {_kind(value)} {_show(value)}")
     return MISSING
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr of a user's value, cut to `limit` characters (a pasted blob stays one readable line)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        text = f"<a {type(value).__name__} too long to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _join(path: str, key: str) -> str:

@@ -9,7 +9,9 @@ never starts a run. YAML keys are snake_case because they map onto dataclass fie
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ __all__ = [
     "PoisonMode",
     "Position",
     "ProbeConfig",
+    "Review",
     "TrainingConfig",
     "TriggerConfig",
     "TriggerShape",
@@ -61,13 +64,52 @@ __all__ = [
     "dump_yaml",
     "from_run_config",
     "load_experiment",
+    "parse_yaml",
     "read_yaml",
+    "review_experiment",
     "to_dict",
     "with_values",
 ]
 
 # --------------------------------------------------------------------------------------------
 # Loading: YAML -> overrides -> dataclasses -> validation
+
+
+@dataclass(frozen=True)
+class Review:
+    """Everything wrong with an experiment, without raising (what `load_experiment` raises).
+
+    `cfg` is None when there was nothing to convert (no file, not YAML, not a mapping); otherwise
+    fields that could not be converted hold their defaults, so a later check (the rule's, in
+    `commands.preflight`) asks `touches` whether what it reads is what the user wrote.
+    """
+
+    cfg: ExperimentConfig | None
+    problems: tuple[str, ...]  # 'key.path: reason'
+
+    def touches(self, keys: Sequence[str]) -> bool:
+        """Is any problem about one of `keys`, a key below one, or a section above one?"""
+        paths = [p.split(":", 1)[0] for p in self.problems]
+        return any(p == k or p.startswith((k + ".", k + "[")) or k.startswith(p + ".") or p == "<top>"
+                   for p in paths for k in keys)
+
+
+def review_experiment(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> Review:
+    """Every problem of an experiment and its overrides, with their key paths; never raises."""
+    problems: list[str] = []
+    try:
+        raw: Any = dict(source) if isinstance(source, Mapping) else read_yaml(Path(source))
+    except ConfigError as exc:
+        apply_overrides({}, overrides, problems)  # their syntax, at least
+        return Review(None, (*exc.problems, *problems))
+    raw = apply_overrides(raw, overrides, problems)
+    # Fields that failed conversion fall back to their defaults, so value checks still run and
+    # the user sees every problem of the file at once.
+    cfg = convert(ExperimentConfig, raw, "", problems)
+    if not isinstance(cfg, ExperimentConfig):
+        return Review(None, tuple(problems))
+    problems.extend(validate(cfg))
+    return Review(cfg, tuple(problems))
 
 
 def load_experiment(
@@ -82,35 +124,64 @@ def load_experiment(
     Raises:
         ConfigError: listing every problem found, each with its key path.
     """
-    if isinstance(source, Mapping):
-        raw: Any = dict(source)
-    else:
-        raw = read_yaml(Path(source))
-    problems: list[str] = []
-    raw = apply_overrides(raw, overrides, problems)
-    # Fields that failed conversion fall back to their defaults, so value checks still run and
-    # the user sees every problem of the file at once.
-    cfg = convert(ExperimentConfig, raw, "", problems)
-    if isinstance(cfg, ExperimentConfig):
-        problems.extend(validate(cfg))
-    if problems:
-        raise ConfigError(problems)
-    assert isinstance(cfg, ExperimentConfig)
-    return cfg
+    review = review_experiment(source, overrides)
+    if review.problems or review.cfg is None:
+        raise ConfigError(list(review.problems))
+    return review.cfg
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    """The top-level mapping of a YAML file (an empty file is a mistake; `{}` means the defaults).
+
+    Raises:
+        ConfigError: no such file, unreadable, not UTF-8, not YAML, empty, or not a mapping.
+    """
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        found = False
+    if not found:
         raise ConfigError(f"{path}: no such experiment file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    data = parse_yaml(text, str(path))
     if data is None:
-        return {}
+        raise ConfigError(f"{path}: the file is empty (write `{{}}` to run every default)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML as a person writes it: `1e30`, `1E-3` and `-2e5` are floats (PyYAML's YAML 1.1 rules
+    read only `1.0e+30` as one, and every other exponent form as a string).
+
+    Raises:
+        ConfigError: not valid YAML (or nested too deep to read).
+    """
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader with one more float form
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of more than 4300 digits
+        raise ConfigError(f"{where}: not valid YAML ({exc})".replace("\n", " ")) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML (nested too deeply)") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader plus YAML 1.2's exponent floats (`1e30`, `1E-3`, `-2e5`, `.5e3`)."""
+
+
+# The resolver lists are copied, not shared, so PyYAML's own SafeLoader is left as it was.
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], problems: list[str]) -> dict[str, Any]:
@@ -122,8 +193,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], problems: lis
             problems.append(f"--set {item!r}: expected section.key=value")
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+            value = parse_yaml(text, "--set") if text.strip() else None
+        except ConfigError:
             value = text
         node = out
         parts = key.strip().split(".")
@@ -164,7 +235,7 @@ def _deep_copy(value: Any) -> Any:
 
 @functools.lru_cache(maxsize=8)
 def _from_text(text: str) -> ExperimentConfig:
-    data = yaml.safe_load(text)
+    data = parse_yaml(text, "run config 'experiment-text'")
     if not isinstance(data, dict):
         raise ConfigError("run config 'experiment-text' is not a YAML mapping")
     return load_experiment(data)

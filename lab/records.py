@@ -109,5 +109,11 @@ class ParamLayout:
         return None if last is None else slices[last.key]
 
 
+def nonfinite_entries(state: Mapping[str, ArrayLike]) -> list[str]:
+    """Keys of the floating-point entries of `state` that hold a NaN or an infinity."""
+    return [k for k, v in state.items()
+            if (t := _as_tensor(v)).is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def _as_tensor(value: ArrayLike) -> Tensor:
     return value if isinstance(value, Tensor) else torch.from_numpy(np.asarray(value))

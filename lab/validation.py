@@ -3,9 +3,25 @@ as 'key.path: reason' strings, so one message lists all of them."""
 
 from __future__ import annotations
 
-from lab.schema import ExperimentConfig
+import re
+
+from lab.schema import DatasetConfig, ExperimentConfig
 
 NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "emnist-digits": 10, "cifar10": 10}
+CHANNELS = {"digits": 1, "mnist": 1, "fashion-mnist": 1, "emnist-digits": 1, "cifar10": 3}
+# The side of the images without dataset.image_size: digits (8x8) are upsampled to 28 (lab/data.py).
+NATIVE_SIZE = {"digits": 28, "mnist": 28, "fashion-mnist": 28, "emnist-digits": 28, "cifar10": 32}
+# numpy's generators take seeds >= 0 and datasets' shuffles seeds < 2**32; torch takes both.
+SEED_MAX = 2**32 - 1
+# A run folder's name: one plain path component (never `.`, `..`, absolute or nested), printable,
+# not starting with '.', '-' or a space.
+PLAIN_NAME = re.compile(r"[^\s/\\.-][^/\\]{0,127}")
+
+
+def image_shape(d: DatasetConfig) -> tuple[int, int, int]:
+    """(channels, height, width) of the images the models, triggers and attacks see."""
+    side = d.image_size or NATIVE_SIZE[d.name]
+    return CHANNELS[d.name], side, side
 
 
 def validate(cfg: ExperimentConfig) -> list[str]:
@@ -17,6 +33,9 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         if not ok:
             p.append(f"{key}: {why}")
 
+    need(PLAIN_NAME.fullmatch(cfg.name) is not None and cfg.name.isprintable(), "name",
+         f"{cfg.name!r} is not a plain name: it names the run folder (no '/' or '\\', no leading '.', '-' "
+         "or space, at most 128 characters)")
     classes = NUM_CLASSES[d.name]
     need(0 < d.test_fraction < 1, "dataset.test_fraction", "must be in (0, 1)")
     need(0 <= d.server_fraction < 1, "dataset.server_fraction", "must be in [0, 1)")
@@ -44,6 +63,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     need(t.lr > 0, "training.lr", "must be > 0")
     need(0 <= t.momentum < 1, "training.momentum", "must be in [0, 1)")
     need(t.weight_decay >= 0, "training.weight_decay", "must be >= 0")
+    need(0 <= t.seed <= SEED_MAX, "training.seed", f"must be in [0, {SEED_MAX}]")
     need(t.model != "resnet18" or d.name == "cifar10" or (d.image_size or 0) >= 32,
          "training.model", "resnet18 expects 32x32 inputs (cifar10, or set dataset.image_size: 32)")
 
@@ -70,6 +90,12 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         need(a.norm_bound > 0, "attack.norm_bound", "must be > 0")
     need(a.noise_std > 0, "attack.noise_std", "must be > 0")
     need(a.trigger.size >= 1, "attack.trigger.size", "must be >= 1")
+    need(a.trigger.margin >= 0, "attack.trigger.margin", "must be >= 0")
+    side, margin = image_shape(d)[1], max(a.trigger.margin, 0)
+    if (d.image_size is None or 8 <= d.image_size <= 256) and a.trigger.size >= 1:
+        need(a.trigger.size + margin <= side, "attack.trigger.size",
+             f"a {a.trigger.size}-pixel trigger with margin {margin} does not fit the {side}x{side} "
+             f"images of {d.name} (size + margin must be <= {side}; see dataset.image_size)")
     need(0 <= a.trigger.value <= 1, "attack.trigger.value", "must be in [0, 1]")
 
     for i, r in enumerate(c.rounds):
@@ -90,4 +116,5 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     need(0 <= u.mix_ratio <= 1, "unlearning.mix_ratio", "must be in [0, 1]")
     need(cfg.execution.num_threads >= 1, "execution.num_threads", "must be >= 1")
     need(cfg.execution.client_cpus > 0, "execution.client_cpus", "must be > 0")
+    need(cfg.execution.checkpoint_every >= 1, "execution.checkpoint_every", "must be >= 1 (a round count)")
     return p

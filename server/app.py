@@ -17,7 +17,9 @@ from flwr.serverapp.strategy import Strategy
 from lab import log as lablog
 from lab.config import ExperimentConfig, from_run_config
 from lab.data import load_data, malicious_partitions
-from lab.records import ParamLayout
+from lab.errors import RunError
+from lab.records import ParamLayout, nonfinite_entries
+from lab.runfolder import STOP_FILE
 from lab.task import (
     LocalHyperparams,
     build_for,
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parents[1]
 
 app = ServerApp()
+
+class StopRequested(Exception):
+    """The run folder holds STOP_FILE at a round boundary; the argument is the last round done."""
 
 
 def output_dir(run_config: dict[str, object], cfg: ExperimentConfig) -> Path:
@@ -109,7 +114,7 @@ def main(grid: Grid, context: Context) -> None:
     runner: Strategy = strategy
     if cfg.capture.enabled:
         plan = CapturePlan.of(cfg.capture, hp, recorder.malicious, data.image_shape)
-        runner = CaptureUpdates(strategy, out / "captures", plan)
+        runner = CaptureUpdates(strategy, out / "captures", plan, identities=strategy.identities)
         log.info("capturing rounds %s (clients: %s, probe: %s)", sorted(plan.rounds), cfg.capture.clients, plan.probe)
     start_arrays = initial
     if done:
@@ -124,14 +129,29 @@ def main(grid: Grid, context: Context) -> None:
                                  if k in ("accuracy", "loss", "asr", "source_accuracy") and v is not None})
         return MetricRecord(recorder.evaluate(rnd + done, arrays.to_torch_state_dict()))
 
-    result = runner.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(start_arrays),
-        num_rounds=cfg.training.rounds - done,
-        train_config=ConfigRecord(),
-        evaluate_fn=evaluate_fn,
-    )
-    final = result.arrays.to_torch_state_dict() if result.arrays is not None else start_arrays
+    def stop_at_boundary(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+        metrics = evaluate_fn(rnd, arrays)  # the round's metrics line and checkpoint are written
+        if (out / STOP_FILE).exists():
+            raise StopRequested(rnd + done)
+        return metrics
+
+    try:
+        result = runner.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(start_arrays),
+            num_rounds=cfg.training.rounds - done,
+            train_config=ConfigRecord(),
+            evaluate_fn=stop_at_boundary,
+        )
+    except StopRequested as stop:
+        log.warning("stopped after round %s of %d as %s asked: no final model, no summary", stop,
+                    cfg.training.rounds, out / STOP_FILE)
+        return
+    # Flower's Result holds an empty ArrayRecord when no round changed the model.
+    final = result.arrays.to_torch_state_dict() if result.arrays is not None and len(result.arrays) else start_arrays
+    bad = nonfinite_entries(final)
+    if bad:  # fails the Flower run, so `fl-lab run` exits non-zero; no final.safetensors, no summary
+        raise RunError(f"the final model is not finite (in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     summary = recorder.finish(dict(final))
     log.info("finished: accuracy %s, asr %s, %.1f s", summary["final_accuracy"], summary["final_asr"],
              summary["seconds"])

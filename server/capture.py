@@ -10,6 +10,9 @@ A probe round is the curious server setting local training itself: every client 
 round is asked for `local_steps` SGD steps on one fixed batch of `batch_size` images (FedSGD when
 steps is 1). Before the first replies the server cannot tell which node holds which partition, so
 the probe goes to the whole round, like a real FedSGD round would.
+
+An entry is filed under the partition its node holds (`strategies.replies.IdentityBook`, shared
+with `RobustFedAvg` so both agree), never under a partition a reply merely claims.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from flwr.serverapp.strategy import Strategy
 from lab.artifacts import append_jsonl, read_jsonl
 from lab.capture import CapturedUpdate, evidence_path, write_entry
 from lab.config import CaptureConfig
+from lab.errors import LabError
 from lab.task import LocalHyperparams
 from strategies.flower import to_tensors
+from strategies.replies import IdentityBook, read_examples
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +64,18 @@ class CapturePlan:
 
 
 class CaptureUpdates(Strategy):
-    """Delegates everything to `inner`; records raw client updates in the planned rounds."""
+    """Delegates everything to `inner`; records raw client updates in the planned rounds.
 
-    def __init__(self, inner: Strategy, out_dir: Path, plan: CapturePlan) -> None:
+    `identities` is the inner strategy's `IdentityBook` (`RobustFedAvg.identities`); without one
+    (a built-in Flower strategy) the hook keeps its own.
+    """
+
+    def __init__(self, inner: Strategy, out_dir: Path, plan: CapturePlan,
+                 identities: IdentityBook | None = None) -> None:
         self.inner = inner
         self.out_dir = out_dir
         self.plan = plan
+        self.identities = identities if identities is not None else IdentityBook()
         self.written = sum(int(r.get("bytes", 0)) for r in read_jsonl(out_dir / "manifest.jsonl"))
         self.full = False
         self._sent: dict[int, tuple[dict[str, object], LocalHyperparams]] = {}
@@ -76,6 +87,7 @@ class CaptureUpdates(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.identities.release_absent(grid.get_node_ids())
         self._global = arrays
         self._sent = {}
         if server_round in self.plan.rounds and self.plan.probe is not None:
@@ -101,19 +113,20 @@ class CaptureUpdates(Strategy):
     def _capture(self, server_round: int, replies: list[Message]) -> None:
         assert self._global is not None
         global_state = to_tensors(self._global)
-        for msg in replies:
-            if msg.has_error() or "metrics" not in msg.content.metric_records:
+        usable = [(msg.metadata.src_node_id, msg) for msg in replies
+                  if not msg.has_error() and "metrics" in msg.content.metric_records]
+        settled = self.identities.settle([(node, msg.content.metric_records["metrics"].get("partition-id"))
+                                          for node, msg in usable])
+        for node, msg in usable:
+            partition = settled.partition_of.get(node)
+            if partition is None or not self.plan.select(partition):
                 continue
-            metrics = msg.content["metrics"]
-            partition = int(metrics.get("partition-id", -1))
-            if partition < 0 or not self.plan.select(partition):
-                continue
-            node = msg.metadata.src_node_id
             try:
-                state = to_tensors(msg.content["arrays"])
+                num_examples = int(read_examples(msg.content.metric_records["metrics"].get("num-examples")))
+                state = to_tensors(msg.content.array_records["arrays"])
                 update = {k: state[k] - v if v.is_floating_point() else torch.zeros_like(v)
                           for k, v in global_state.items()}
-            except (KeyError, RuntimeError) as exc:
+            except (LabError, KeyError, RuntimeError, TypeError, ValueError) as exc:
                 log.warning("round %d: not capturing node %s (%s)", server_round, node, exc)
                 continue
             size = 2 * sum(t.numel() * t.element_size() for t in global_state.values())
@@ -127,7 +140,7 @@ class CaptureUpdates(Strategy):
                 continue
             entry_id = f"round_{server_round:04d}/partition_{partition:03d}"
             path = self.out_dir / f"{entry_id}.safetensors"
-            write_entry(path, CapturedUpdate(global_state, update, int(metrics.get("num-examples", 0)),
+            write_entry(path, CapturedUpdate(global_state, update, num_examples,
                                              server_round, int(node), partition, hp,
                                              image_shape=self.plan.image_shape))
             size = path.stat().st_size
@@ -135,7 +148,7 @@ class CaptureUpdates(Strategy):
             evidence = evidence_path(self.out_dir, server_round, partition)
             append_jsonl(self.out_dir / "manifest.jsonl", {
                 "id": entry_id, "file": f"{entry_id}.safetensors", "round": server_round, "node_id": int(node),
-                "partition_id": partition, "num_examples": int(metrics.get("num-examples", 0)),
+                "partition_id": partition, "num_examples": num_examples,
                 "hyperparams": {k: v for k, v in sent.items() if k != "server-round"},
                 "probe": bool(sent.get("fixed-batch", False)), "bytes": size,
                 "evidence": str(evidence.relative_to(self.out_dir)) if evidence.exists() else None,

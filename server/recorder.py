@@ -1,7 +1,8 @@
 """Server-side bookkeeping of a run: central evaluation, metrics.jsonl, checkpoints, summary.
 
 The recorder is the only place that knows the ground truth (which partitions are malicious); it
-uses it to score the rule's decisions, never to make them.
+uses it to score the rule's decisions, never to make them. metrics.jsonl and summary.json are strict
+JSON: a NaN or infinite value is written as null and named under "nonfinite" (`finite_record`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from lab.artifacts import (
     append_jsonl,
     atomic_write_text,
+    finite_record,
     load_tensors,
     read_jsonl,
     save_tensors,
@@ -81,7 +83,8 @@ class RunRecorder:
                          if (m := re.fullmatch(r"round_(\d+)\.safetensors", f.name))), reverse=True)
         start = next((r for r in rounds if r in logged and r <= self.cfg.training.rounds), 0)
         kept = [r for r in rows if 0 < start and int(r.get("round", -1)) <= start]
-        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(out / "metrics.jsonl",
+                          "".join(json.dumps(finite_record(r), allow_nan=False) + "\n" for r in kept))
         self._drop_captures_after(start)
         for f in out.glob("checkpoints/*round_*.safetensors"):
             m = re.fullmatch(r"(?:aggregator_)?round_(\d+)\.safetensors", f.name)
@@ -139,7 +142,7 @@ class RunRecorder:
                 det = detection(flagged, set(self.malicious), participants)
                 self._detections.append(det)
                 row["detection"] = det.as_dict()
-        append_jsonl(self.out_dir / "metrics.jsonl", row)
+        append_jsonl(self.out_dir / "metrics.jsonl", finite_record(row), allow_nan=False)
         every = self.cfg.execution.checkpoint_every
         if server_round > 0 and (server_round % every == 0 or server_round == self.cfg.training.rounds):
             if self.aggregator_state is not None:
@@ -183,5 +186,5 @@ class RunRecorder:
             "seconds": time.time() - self.started,
             "torch": torch.__version__,
         }
-        write_json(self.out_dir / "summary.json", summary)
+        write_json(self.out_dir / "summary.json", finite_record(summary), allow_nan=False)
         return summary

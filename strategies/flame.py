@@ -7,6 +7,7 @@ Nguyen et al., "FLAME: Taming Backdoors in Federated Learning", USENIX Security 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal
 
 import torch
@@ -94,7 +95,7 @@ class Flame:
         if distance_on not in ("updates", "models"):
             raise ConfigError(f"flame: distance_on must be 'updates' or 'models', got {distance_on!r}")
         lam = DEFAULT_LAMBDA.get(noise, 0.0) if noise_lambda is None else noise_lambda
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam < 0:
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not 0 <= lam < math.inf:
             raise ConfigError(f"flame: noise_lambda must be >= 0, got {noise_lambda!r}")
         if ctx.clients_per_round < 2:
             raise ConfigError(f"flame: clustering needs clients_per_round >= 2, got {ctx.clients_per_round}")

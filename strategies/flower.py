@@ -1,14 +1,16 @@
 """The thin Flower wrapper: FedAvg's sampling and messaging, our aggregation over client updates.
 
 `RobustFedAvg` overrides `configure_train` (to remember the global model it sends and to add the
-local hyperparameters to the ConfigRecord) and `aggregate_train` (validate replies, build the
-(n_clients, n_params) update matrix with `ParamLayout`, call the aggregator, apply the server
-learning rate). It never mutates a reply and never calls Flower's private methods.
+local hyperparameters to the ConfigRecord) and `aggregate_train` (validate replies with the pure
+checks of `strategies.replies`, build the (n_clients, n_params) update matrix with `ParamLayout`,
+call the aggregator, apply the server learning rate unless the result is not finite). It never
+mutates a reply and never calls Flower's private methods.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from torch import Tensor
 
 from lab.errors import AggregationError, LabError, ReplyError
 from lab.records import ParamLayout
+from strategies.replies import IdentityBook, read_examples, read_loss, shorten
 from strategies.types import Aggregate, Aggregator, RoundInfo
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RoundDecisions:
-    """What happened in one round's aggregation, keyed by partition-id (client identity)."""
+    """What happened in one round's aggregation, keyed by partition: the one each node holds
+    (`strategies.replies.IdentityBook`), not what a reply claims."""
 
     server_round: int
     partitions: list[int] = field(default_factory=list)  # row order of the update matrix
@@ -105,12 +109,15 @@ class RobustFedAvg(FedAvg):
         self.server_lr = server_lr
         self.reference_update = reference_update
         self.on_round = on_round
+        self.identities = IdentityBook(num_clients)  # node id <-> partition, across rounds
         self._global: dict[str, Tensor] | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = to_tensors(arrays)
+        for node in self.identities.release_absent(grid.get_node_ids()):
+            log.warning("round %d: node %s is gone; its partition may be claimed again", server_round, node)
         merged = ConfigRecord({**self.train_config, **dict(config), "round-size": self.clients_per_round})
         return super().configure_train(server_round, arrays, merged, grid)
 
@@ -146,10 +153,18 @@ class RobustFedAvg(FedAvg):
             decisions.skipped = str(exc)
             self._emit(decisions)
             return None, MetricRecord({"num-valid": len(examples)})
-        new_state = self.layout.unflatten(global_flat.add_(agg.update, alpha=self.server_lr), self._global)
-        decisions.aggregate_seconds = time.perf_counter() - start
         decisions.norms = {p: float(v) for p, v in zip(decisions.partitions, norms)}
         decisions.train_loss = float(sum(losses) / len(losses)) if losses else None
+        new_flat = global_flat.add_(agg.update, alpha=self.server_lr)
+        if not bool(torch.isfinite(new_flat).all()):
+            # A NaN or inf model cannot be undone by later rounds: keep the previous one.
+            bad = int((~torch.isfinite(new_flat)).sum())
+            decisions.skipped = f"aggregate is not finite ({bad} of {new_flat.numel()} parameters)"
+            log.warning("round %d: aggregation skipped: %s", server_round, decisions.skipped)
+            self._emit(decisions)
+            return None, MetricRecord({"num-valid": len(examples)})
+        new_state = self.layout.unflatten(new_flat, self._global)
+        decisions.aggregate_seconds = time.perf_counter() - start
         self._record(decisions, agg)
         self._emit(decisions)
         metrics = MetricRecord({"num-valid": len(examples), **{k: float(v) for k, v in agg.stats.items()}})
@@ -163,35 +178,39 @@ class RobustFedAvg(FedAvg):
         """The (n_valid, n_params) update matrix, rows in partition order, with each row's
         num-examples and training loss; invalid replies go to `decisions.failures` with a reason.
 
-        Each reply is decoded straight into its row of one preallocated matrix (one copy per
-        reply, no list of per-client state dicts), which matters at ResNet-18 size.
+        A row's partition is the one its node holds (`IdentityBook`: the node id is the
+        authenticated sender; the partition-id in the metrics only a claim). Each reply is decoded
+        straight into its row of one preallocated matrix (one copy per reply, no list of per-client
+        state dicts), which matters at ResNet-18 size.
         """
-        candidates: list[tuple[int, Message]] = []
+        failures = decisions.failures
+        claims: list[tuple[int, object]] = []
+        pending: list[tuple[int, Message]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                decisions.failures.append({"node_id": node, "partition": None, "reason": msg.error.reason})
+                failures.append({"node_id": node, "partition": None, "reason": shorten(str(msg.error.reason))})
                 continue
             metrics = msg.content.metric_records.get("metrics")
-            partition = int(metrics["partition-id"]) if metrics is not None and "partition-id" in metrics else None
-            if partition is None or partition in [p for p, _ in candidates]:
-                why = "no partition-id" if partition is None else f"partition-id {partition} already replied"
-                decisions.failures.append({"node_id": node, "partition": partition, "reason": why})
+            if metrics is None:
+                failures.append({"node_id": node, "partition": None, "reason": "no 'metrics' MetricRecord"})
                 continue
-            candidates.append((partition, msg))
+            claims.append((node, metrics.get("partition-id")))
+            pending.append((node, msg))
+        settled = self.identities.settle(claims)
+        failures.extend(r.as_failure() for r in settled.refused)
         # Rows in partition order: arrival order is random, and float sums depend on row order.
-        candidates.sort(key=lambda item: item[0])
+        candidates = sorted((settled.partition_of[node], node, msg) for node, msg in pending
+                            if node in settled.partition_of)
         rows = torch.empty((len(candidates), self.layout.num_params))
         examples: list[float] = []
         losses: list[float] = []
-        for partition, msg in candidates:
-            node = msg.metadata.src_node_id
+        for partition, node, msg in candidates:
             row = rows[len(examples)]
             try:
-                metrics = msg.content["metrics"]
-                n = float(metrics.get("num-examples", 0))
-                if not n > 0:
-                    raise ReplyError("num-examples must be positive")
+                metrics = msg.content.metric_records["metrics"]
+                n = read_examples(metrics.get("num-examples"))
+                loss = read_loss(metrics.get("train-loss"))
                 arrays = msg.content.array_records.get("arrays")
                 if arrays is None:
                     raise ReplyError("reply lacks the 'arrays' record")
@@ -200,16 +219,19 @@ class RobustFedAvg(FedAvg):
                 self.layout.flatten_into(state, row)
                 if not bool(torch.isfinite(row).all()):
                     raise ReplyError("non-finite values in the weights")
+                row.sub_(global_flat)
+                if not math.isfinite(float(row.norm())):
+                    raise ReplyError("update too large: its norm overflows float32")
             except (LabError, KeyError, TypeError, ValueError) as exc:
-                decisions.failures.append({"node_id": node, "partition": partition, "reason": str(exc)})
+                failures.append({"node_id": node, "partition": partition, "reason": shorten(str(exc))})
                 continue
-            row.sub_(global_flat)
             examples.append(n)
-            if "train-loss" in metrics:
-                losses.append(float(metrics["train-loss"]))
+            if loss is not None:
+                losses.append(loss)
             decisions.partitions.append(partition)
             decisions.node_ids.append(node)
-        for f in decisions.failures:
+        failures.sort(key=lambda f: int(f["node_id"]))  # type: ignore[call-overload]  # not arrival order
+        for f in failures:
             log.warning("round %d: dropped reply from node %s: %s", decisions.server_round, f["node_id"], f["reason"])
         return rows[: len(examples)], examples, losses
 

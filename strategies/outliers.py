@@ -12,6 +12,7 @@ Both take client deltas `updates` (n_clients, n_params).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Literal
 
 import torch
@@ -169,7 +170,7 @@ def check_iqr(rule: str) -> Any:
     def check(ctx: AggregatorContext, *, iqr_k: float = 1.5, sides: str = "upper", **_: Any) -> None:
         if ctx.clients_per_round < 4:
             raise ConfigError(f"{rule}: quartiles need clients_per_round >= 4, got {ctx.clients_per_round}")
-        if not isinstance(iqr_k, (int, float)) or isinstance(iqr_k, bool) or iqr_k < 0:
+        if not isinstance(iqr_k, (int, float)) or isinstance(iqr_k, bool) or not 0 <= iqr_k < math.inf:
             raise ConfigError(f"{rule}: iqr_k must be >= 0, got {iqr_k!r}")
         if sides not in ("upper", "both"):
             raise ConfigError(f"{rule}: sides must be 'upper' or 'both', got {sides!r}")

@@ -8,10 +8,12 @@ n <= 2f + 2) fail here, at config time, never mid-run.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
+from lab.coerce import convert
 from lab.config import ExperimentConfig
 from lab.errors import ConfigError
 from strategies.clipping import (
@@ -41,16 +43,38 @@ from strategies.robust import (
 from strategies.types import Aggregate, Aggregator, AggregatorContext
 
 Factory = Callable[..., Aggregator]
+PARAMS = "federated.aggregator.params"
+
+
+def hyperparameter_problems(target: Callable[..., Any], hp: Mapping[Any, Any], skip: int) -> list[str]:
+    """Every hyperparameter of `hp` that `target` (a rule function or class) cannot take, checked
+    against its signature: unknown or missing names, and values that are not of the annotated type
+    (a float must be finite, a bool a bool, a Literal one of its values), with key paths."""
+    sig = inspect.signature(target)
+    accepted = {n: p for n, p in list(sig.parameters.items())[skip:]
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+    problems = []
+    for name, value in hp.items():
+        if not isinstance(name, str) or name not in accepted:
+            problems.append(f"{PARAMS}: unexpected keyword {name!r}; known: {', '.join(accepted) or 'none'}")
+            continue
+        found: list[str] = []
+        if hints.get(name, Any) is not Any:
+            convert(hints[name], value, f"{PARAMS}.{name}", found)
+        problems += found
+    problems += [f"{PARAMS}.{n}: required, and not set" for n, p in accepted.items()
+                 if p.default is p.empty and n not in hp]
+    return problems
 
 
 def _pure(fn: Callable[..., Aggregate], check: Callable[..., None] | None = None) -> Factory:
-    """factory(ctx, **hp) -> fn with hp bound; unknown hp names and `check` failures raise ConfigError."""
+    """factory(ctx, **hp) -> fn with hp bound; bad hyperparameters and `check` failures raise ConfigError."""
 
     def factory(ctx: AggregatorContext, **hp: Any) -> Aggregator:
-        try:
-            inspect.signature(fn).bind(None, None, **hp)
-        except TypeError as exc:
-            raise ConfigError(f"federated.aggregator.params: {exc}") from None
+        problems = hyperparameter_problems(fn, hp, skip=2)
+        if problems:
+            raise ConfigError(problems)
         if check is not None:
             check(ctx, **hp)
         return partial(fn, **hp)
@@ -60,14 +84,13 @@ def _pure(fn: Callable[..., Aggregate], check: Callable[..., None] | None = None
 
 
 def _stateful(cls: Callable[..., Aggregator]) -> Factory:
-    """factory(ctx, **hp) -> cls(ctx, **hp); unknown hp names raise ConfigError (the class's
+    """factory(ctx, **hp) -> cls(ctx, **hp); bad hyperparameters raise ConfigError (the class's
     __init__ checks the values and raises ConfigError itself)."""
 
     def factory(ctx: AggregatorContext, **hp: Any) -> Aggregator:
-        try:
-            inspect.signature(cls).bind(ctx, **hp)
-        except TypeError as exc:
-            raise ConfigError(f"federated.aggregator.params: {exc}") from None
+        problems = hyperparameter_problems(cls, hp, skip=1)
+        if problems:
+            raise ConfigError(problems)
         return cls(ctx, **hp)
 
     factory.__doc__ = cls.__doc__
@@ -93,16 +116,33 @@ AGGREGATORS: dict[str, Factory] = {
 }
 
 
-def build_aggregator(name: str, params: dict[str, Any], ctx: AggregatorContext) -> Aggregator:
-    if name not in AGGREGATORS:
-        raise ConfigError(f"federated.aggregator.name: unknown rule {name!r}; known: {', '.join(sorted(AGGREGATORS))}")
+def build_aggregator(name: str, params: Mapping[Any, Any], ctx: AggregatorContext) -> Aggregator:
+    """The rule `name` with `params`, checked at build time.
+
+    Raises:
+        ConfigError: an unknown rule, bad hyperparameters (every one, with its key path) or the
+            rule's own build-time check (e.g. Krum's n > 2f + 2).
+    """
+    unknown = unknown_rule(name)
+    if unknown:
+        raise ConfigError(unknown)
+    bad = [k for k in params if not isinstance(k, str)]
+    if bad:  # not even a keyword: the factories below could not be called with them
+        raise ConfigError(f"{PARAMS}: {', '.join(map(repr, bad))} is not a hyperparameter name")
     return AGGREGATORS[name](ctx, **params)
 
 
+def unknown_rule(name: str) -> str | None:
+    """The problem with a rule name that is not in the registry, or None."""
+    if name in AGGREGATORS:
+        return None
+    return f"federated.aggregator.name: unknown rule {name!r}; known: {', '.join(sorted(AGGREGATORS))}"
+
+
 def check_config(cfg: ExperimentConfig, ctx: AggregatorContext) -> list[str]:
-    """Problems building the configured rule, as config-error strings (empty when fine)."""
+    """Problems building the configured rule, as config-error strings with key paths (empty when fine)."""
     try:
         build_aggregator(cfg.federated.aggregator.name, dict(cfg.federated.aggregator.params), ctx)
     except ConfigError as exc:
-        return exc.problems
+        return [p if p.startswith("federated.") else f"{PARAMS}: {p}" for p in exc.problems]
     return []

@@ -16,8 +16,9 @@ from lab.records import ParamLayout
 @dataclass(frozen=True)
 class RoundInfo:
     server_round: int
-    # Row i of `updates` came from client_ids[i]: the partition-id the client reported, which is
-    # stable across rounds (the transport node id is not: it changes when a SuperNode restarts).
+    # Row i of `updates` came from client_ids[i]: the partition bound to the authenticated node that
+    # sent it (strategies.replies.IdentityBook), stable across rounds (the node id is not: it changes
+    # when a SuperNode restarts).
     client_ids: tuple[int, ...]
     num_examples: Tensor  # (n_clients,) float
     global_params: Tensor | None = None  # (n_params,) flat global model the updates start from

@@ -31,11 +31,13 @@ from lab.config import UnlearningConfig
 from lab.data import Split
 from lab.errors import ConfigError, LabError
 from lab.metrics import predict
+from lab.runfolder import contained
 from lab.task import generator, set_threads
 from unlearning.methods import (STRATEGIES, Budget, FinetuneResult, Materials, accuracy, finetune,
                                 get_strategy, relabel_targets)
 from unlearning.trigger import RecoveredTrigger, recover_trigger, score_against, server_flip_rate
-from unlearning.verify import Run, Reconstructions, RunFolderError, load_reconstructions, load_run, read_image, verify
+from unlearning.verify import (NoReconstructions, Run, Reconstructions, RunFolderError, load_reconstructions, load_run,
+                               read_image, verify)
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,10 @@ def _verify(args: argparse.Namespace) -> int:
     set_threads(run.cfg.execution.num_threads)
     if args.image:
         return _classify(run, Path(args.image))
-    root = Path(args.recon) if args.recon else run.path / "inversion"
+    root = Path(args.recon) if args.recon else contained(run.path, "inversion", "reconstruction folder")
     try:
-        recon: Reconstructions | None = load_reconstructions(root, run.data.image_shape)
-    except RunFolderError as exc:
+        recon: Reconstructions | None = load_reconstructions(root, run.data.image_shape, run.data.num_classes)
+    except NoReconstructions as exc:  # nothing inverted yet: verify the model alone (a damaged file exits 2)
         log.warning("%s", exc)
         recon = None
     result = verify(run, recon)
@@ -244,9 +246,11 @@ def _unlearn(args: argparse.Namespace) -> int:
     run = load_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None)
     set_threads(run.cfg.execution.num_threads)
     p = plan(run, args)
-    recon = load_reconstructions(Path(args.recon) if args.recon else run.path / "inversion", run.data.image_shape)
+    root = Path(args.recon) if args.recon else contained(run.path, "inversion", "reconstruction folder")
+    recon = load_reconstructions(root, run.data.image_shape, run.data.num_classes)
     train, val = clean_sets(run, p, args.val_fraction)
-    out = Path(args.out) if args.out else run.path / "unlearning"
+    # Checked before any work: a planted `unlearning` link may not carry the writes out of the run.
+    out = Path(args.out) if args.out else contained(run.path, "unlearning", "output folder")
 
     found, materials, trigger_info = recover(run, recon, train, p)
     before = run.evaluate()

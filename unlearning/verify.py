@@ -22,14 +22,24 @@ from lab.config import ExperimentConfig, load_experiment
 from lab.data import DataBundle, load_data
 from lab.errors import LabError
 from lab.metrics import Evaluation, evaluate, predict
+from lab.runfolder import contained
 from lab.task import build_for, load_state
 from lab.triggers import Trigger, make_trigger
 
 log = logging.getLogger(__name__)
 
 
+# An image file may claim any size in its header; the lab's images are tiny (8x8 to 32x32), so a
+# few megapixels is already generous. Checked from the header, before any pixel is decoded.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
 class RunFolderError(LabError):
     """The run folder lacks something the tool needs, or holds something that does not fit."""
+
+
+class NoReconstructions(RunFolderError):
+    """There is nothing to load (no folder, or no recon.safetensors in it): not a damaged file."""
 
 
 @dataclass(frozen=True)
@@ -75,18 +85,20 @@ def load_run(path: Path, checkpoint: Path | None = None) -> Run:
 
     Raises:
         RunFolderError: no config.yaml, no checkpoint, or a checkpoint that does not fit the model.
+        UnsafePathError: config.yaml or final.safetensors is a link that leads outside the run folder.
         ConfigError: the stored config does not validate.
     """
     if not (path / "config.yaml").is_file():
         raise RunFolderError(f"{path}: not a run folder (no config.yaml)")
-    cfg = load_experiment(path / "config.yaml")
+    cfg = load_experiment(contained(path, "config.yaml", "run config"))
     data = load_data(cfg.dataset, cfg.seed)
     ckpt = checkpoint or path / "final.safetensors"
     if not ckpt.is_file():
         raise RunFolderError(f"{ckpt}: no such checkpoint (did the run finish?)")
+    source = ckpt if checkpoint else contained(path, "final.safetensors", "final model")  # a user's --checkpoint is theirs
     model = build_for(cfg, data)
     try:
-        load_state(model, load_tensors(ckpt))
+        load_state(model, load_tensors(source))
     except Exception as exc:  # safetensors raises its own types for corrupt files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunFolderError(f"{ckpt}: does not fit the run's {cfg.training.model} model ({first})") from None
@@ -94,25 +106,36 @@ def load_run(path: Path, checkpoint: Path | None = None) -> Run:
     return Run(path, cfg, data, model, ckpt)
 
 
-def load_reconstructions(root: Path, shape: tuple[int, int, int]) -> Reconstructions:
+def load_reconstructions(root: Path, shape: tuple[int, int, int], num_classes: int | None = None) -> Reconstructions:
     """Every inversion/<entry>/recon.safetensors under `root`, stacked (entries in sorted order).
 
     Raises:
-        RunFolderError: `root` missing or without reconstructions, or images of the wrong shape.
+        NoReconstructions: `root` missing or without reconstructions.
+        RunFolderError: a file that is unreadable, or not images (B, *shape) in [0, 1] with labels
+            (B,) in [0, num_classes).
+        UnsafePathError: a recon.safetensors that is a link leading outside `root`.
     """
     files = sorted(root.rglob("recon.safetensors")) if root.is_dir() else []
     if not files:
-        raise RunFolderError(f"{root}: no reconstructions (run `fl-lab invert` on the run first)")
+        raise NoReconstructions(f"{root}: no reconstructions (run `fl-lab invert` on the run first)")
     images, labels, origin = [], [], []
     for f in files:
         entry = f.parent.relative_to(root).as_posix()
+        source = contained(root, f.relative_to(root), "reconstruction")
         try:
-            t = load_tensors(f)
+            t = load_tensors(source)
         except Exception as exc:
             raise RunFolderError(f"{f}: unreadable ({type(exc).__name__})") from None
         if "images" not in t or "labels" not in t or tuple(t["images"].shape[1:]) != shape:
             got = tuple(t["images"].shape) if "images" in t else "no 'images' tensor"
             raise RunFolderError(f"{f}: expected images (B, {', '.join(map(str, shape))}) and labels, got {got}")
+        y = t["labels"]
+        if (y.shape != t["images"].shape[:1] or y.is_floating_point() or y.is_complex()
+                or (len(y) and (int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes)))):
+            raise RunFolderError(f"{f}: labels must be {len(t['images'])} class indices"
+                                 + (f" in [0, {num_classes})" if num_classes is not None else ""))
+        if not bool(torch.isfinite(t["images"].float()).all()):
+            raise RunFolderError(f"{f}: images hold NaN or infinite values")
         images.append(t["images"].float().clamp(0, 1))
         labels.append(t["labels"].long())
         origin += [(entry, i) for i in range(len(t["labels"]))]
@@ -154,10 +177,10 @@ def verify(run: Run, recon: Reconstructions | None) -> dict[str, Any]:
 
 
 def read_image(path: Path, shape: tuple[int, int, int]) -> Tensor:
-    """(N, C, H, W) in [0, 1] from a PNG/JPEG or a .safetensors file, resized to `shape`.
+    """(N, C, H, W) in [0, 1] from a PNG/JPEG (BMP, GIF, WebP, PPM) or a .safetensors file, resized to `shape`.
 
     Raises:
-        RunFolderError: the file is missing or not an image.
+        RunFolderError: the file is missing, not an image, or claims more than MAX_IMAGE_PIXELS.
     """
     if not path.is_file():
         raise RunFolderError(f"{path}: no such image file")
@@ -173,20 +196,40 @@ def read_image(path: Path, shape: tuple[int, int, int]) -> Tensor:
         x = x.float()
         x = x.view(1, 1, *x.shape) if x.dim() == 2 else x[None] if x.dim() == 3 else x
     else:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as img:
-                img = img.convert("L" if c == 1 else "RGB")
-                import numpy as np
-
-                x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).view(img.height, img.width, -1)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise RunFolderError(f"{path}: not an image ({exc})") from None
-        x = x.permute(2, 0, 1)[None] / 255.0
-    if x.dim() != 4 or x.shape[1] not in (1, c):
+        x = _decode_image(path, gray=c == 1).permute(2, 0, 1)[None] / 255.0
+    if x.dim() != 4 or x.shape[1] not in (1, c) or x.numel() == 0:
         raise RunFolderError(f"{path}: expected {c}-channel images, got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise RunFolderError(f"{path}: holds NaN or infinite values")
     x = x.expand(-1, c, -1, -1)
     if tuple(x.shape[-2:]) != (h, w):
         x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
     return x.clamp(0, 1)
+
+
+def _decode_image(path: Path, gray: bool) -> Tensor:
+    """(H, W, channels) float32 in [0, 255]; the pixel count is checked from the header first."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own, milder limit
+            # Plain raster formats only: no plugin that hands the file to an outside program (EPS).
+            with Image.open(path, formats=("PNG", "JPEG", "BMP", "GIF", "WEBP", "PPM")) as img:  # header only
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise RunFolderError(f"{path}: {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} "
+                                         "an image may have here; refused before decoding")
+                img = img.convert("L" if gray else "RGB")  # decodes
+                x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).view(img.height, img.width, -1)
+    except RunFolderError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RunFolderError(f"{path}: image too large, refused before decoding ({exc})") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError... for broken files
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RunFolderError(f"{path}: not a readable image ({type(exc).__name__}{': ' + text if text else ''})") from None
+    return x

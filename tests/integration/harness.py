@@ -83,3 +83,11 @@ def run_in_process(run_config: dict[str, Any], num_nodes: int, **grid_kwargs: An
                     run_config, **grid_kwargs)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     return grid
+
+
+def forge(reply: Message, content: RecordDict) -> Message:
+    """A reply with `content` from the same node: what a malicious ClientApp can send. The
+    content is the client's to choose; the sender (`src_node_id`, the authenticated channel) is not."""
+    instruction = Message(RecordDict(), dst_node_id=reply.metadata.src_node_id, message_type=reply.metadata.message_type)
+    instruction.metadata.__dict__["_message_id"] = reply.metadata.reply_to_message_id
+    return Message(content, reply_to=instruction)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.runfolder import RUN_MARKER
 from lab.artifacts import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +55,7 @@ def test_fl_lab_run_smoke_is_a_real_flower_simulation(tmp_path: Path) -> None:
 def test_a_failed_flower_run_gives_a_non_zero_exit(tmp_path: Path) -> None:
     out = tmp_path / "broken"
     out.mkdir()
+    (out / RUN_MARKER).touch()  # one of our run folders, so the lab may reuse it
     (out / "checkpoints").write_text("a file where the ServerApp needs a folder")
     res = fl_lab("run", "experiments/smoke.yaml", "--out", str(out), "--set", "training.rounds=1")
     assert res.returncode == 1, res.stdout + res.stderr
@@ -90,19 +92,28 @@ def test_attackers_ratio_list_runs_one_experiment_per_value(tmp_path: Path) -> N
     assert len(s1["malicious_partitions"]) == 1 and len(s2["malicious_partitions"]) == 2
 
 
-def test_stopping_fl_lab_run_mid_run_leaves_no_flower_or_ray_process(tmp_path: Path) -> None:
+def test_stopping_fl_lab_run_mid_run_stops_at_the_next_round_and_leaves_no_process(tmp_path: Path) -> None:
+    """Rounds of the smoke run take about 0.3 s and `flwr stop` some seconds: the stop must come
+    through the run folder (commands/interrupt.py), at the next round boundary, with no summary."""
     import signal
     import time
 
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([*FL_LAB, "run", "experiments/smoke.yaml", "--out", str(out), "--set", "training.rounds=30"],
+    proc = subprocess.Popen([*FL_LAB, "run", "experiments/smoke.yaml", "--out", str(out), "--set", "training.rounds=40"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(read_jsonl(out / "metrics.jsonl")) < 2:
-        time.sleep(1)
-    assert len(read_jsonl(out / "metrics.jsonl")) >= 2, "the run never got going"
+    while time.monotonic() < deadline and len(read_jsonl(out / "metrics.jsonl")) < 3:
+        time.sleep(0.1)
+    seen = max(r["round"] for r in read_jsonl(out / "metrics.jsonl"))
+    assert seen >= 2, "the run never got going"
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted" in err
+    _, err = proc.communicate(timeout=180)
+    rounds = [r["round"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert proc.returncode == 130, err
+    last = rounds[-1]
+    assert seen <= last <= seen + 2 and rounds == list(range(last + 1)), (seen, rounds, err)
+    assert not (out / "summary.json").exists() and not (out / "final.safetensors").exists()
+    assert (out / "checkpoints" / f"round_{last:04d}.safetensors").exists()
+    assert f"interrupted after round {last} of 40: {out} keeps rounds 1-{last} (checkpoints, metrics)" in err, err
     time.sleep(2)
     assert flower_processes_using(out / ".flwr") == []  # flwr-simulation and Ray included

@@ -90,7 +90,8 @@ def test_runtime_and_build_errors() -> None:
     with pytest.raises(ConfigError, match=">= 4"):
         build_aggregator("clip-avg-iqr", {"clip_gamma": 1.0}, ctx(3))
     with pytest.raises(ConfigError, match="clip_gamma"):
-        build_aggregator("clip-avg-iqr", {}, ctx(5))
+        build_aggregator("clip-avg-iqr", {"clip_gamma": None}, ctx(5))  # no gamma: only with bound=fence
+    build_aggregator("clip-avg-iqr", {}, ctx(5))  # the seed study's gamma and decay by default
     build_aggregator("clip-avg-iqr", {"bound": "fence"}, ctx(5))
     with pytest.raises(ConfigError, match="max_norm"):
         build_aggregator("norm-clip", {"max_norm": 0}, ctx(5))

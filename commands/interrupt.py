@@ -1,0 +1,50 @@
+"""Ctrl-C during a run: stop at the next round boundary, and say what the run folder keeps.
+
+The ServerApp runs in another process (flwr-simulation, or a SuperExec in deployment), and `flwr
+stop` takes seconds to arrive: enough for a fast experiment to run every remaining round and write
+a summary.json that claims a complete run. So the launcher first writes STOP_FILE into the run
+folder; the ServerApp looks for it after each round's metrics line and checkpoint (server/app.py,
+same name) and returns there, writing no final model and no summary. `flwr stop` follows only when
+no boundary comes within STOP_GRACE seconds or a second Ctrl-C asks for it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lab.artifacts import atomic_write_text, read_jsonl
+from lab.runfolder import STOP_FILE
+
+STOP_GRACE = 60.0  # seconds: a deployment round of the default experiment takes about one minute
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (or SIGTERM); the message says after which round, and what is kept."""
+
+
+def request_stop(run_dir: Path) -> None:
+    atomic_write_text(run_dir / STOP_FILE, "fl-lab was interrupted: stop after the current round\n")
+
+
+def clear_stop(run_dir: Path) -> None:
+    """Before a run starts (a stale request would stop it after round 0) and after it ends."""
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+
+
+def interrupted_where(run_dir: Path, total: int) -> str:
+    """'interrupted after round 4 of 10: DIR keeps rounds 1-4 (checkpoints, metrics); ...'."""
+    if (run_dir / "summary.json").exists():
+        return f"interrupted after the run had finished: {run_dir} holds all {total} rounds and summary.json"
+    rounds = sorted({int(r["round"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "round" in r} - {0})
+    if not rounds:
+        return f"interrupted before round 1 of {total} finished: {run_dir} keeps no round"
+    last = rounds[-1]
+    saved = sorted(int(m.group(1)) for f in (run_dir / "checkpoints").glob("round_*.safetensors")
+                   if (m := re.fullmatch(r"round_(\d+)\.safetensors", f.name)))
+    if saved and saved[-1] == last:
+        kept = "checkpoints, metrics"
+    else:
+        kept = f"metrics, checkpoints up to round {saved[-1]}" if saved else "metrics, no checkpoint"
+    resume = f"; `--set execution.resume=true` continues after round {saved[-1]}" if saved else ""
+    return f"interrupted after round {last} of {total}: {run_dir} keeps rounds {rounds[0]}-{last} ({kept}){resume}"
