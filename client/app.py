@@ -103,3 +103,10 @@ def train(msg: Message, context: Context) -> Message:
                                  "partition-id": partition_id}),
     })
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The server's roll call before it samples a round: which partition this node holds."""
+    partition_id = int(context.node_config["partition-id"])
+    return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}), reply_to=msg)

@@ -2,13 +2,23 @@
 
 - Pixel-pattern backdoor (Gu et al. 2017, BadNets), two poisoning modes: `mix` stamps and relabels
   a fraction of every batch (the ClipAvg study); `append` copies source-class samples of the
-  client's own data, stamps them and appends them to every batch with the target label (the
-  original project), so every batch the attacker trains on, a probe batch included, is poisoned.
-- Label flipping (Tolpegin et al. 2020): source -> target, or y -> C-1-y without a source class.
+  client's own data (any non-target sample when there is no source class), stamps them and appends
+  them to every batch with the target label (the original project), so every batch the attacker
+  trains on, a probe batch included, is poisoned.
+- Scaling (FoundationFL's and FLTrust's name): that backdoor with the update multiplied by the
+  round size / server lr, i.e. `backdoor` + `boost: auto` as one named preset.
+- Label flipping (Tolpegin et al. 2020): source -> target, or y -> C-1-y without a source class
+  (l -> 9 - l on ten classes, FoundationFL's LF: set dataset.source_class to null).
 - Boosting / model replacement (Bagdasaryan et al. 2020): scale the update by gamma, or by
   "auto" = clients in the round / server lr so that FedAvg lands on the attacker's model.
 - Norm-constrained evasion: project the update onto the L2 ball of radius `norm_bound`.
 - Untargeted: sign flip (-s * honest update) and Gaussian noise (the update replaced by noise).
+- The update-matrix attacks of `byzantine/` (trim-attack, krum-attack, min-max, min-sum, alie,
+  ipm). With `attack.knowledge: full` they run on the server side of the simulation
+  (`byzantine.collusion`) and the client trains honestly; with `partial` the client knows only its
+  own honest update and the attack runs here with benign = own = that one update. Only ipm means
+  something then (-epsilon * its own update); validation refuses the others, whose formulas need
+  the spread of several updates.
 
 Every behaviour implements `ClientAttack`; `build_attack` composes them from the config, through
 the `ATTACKS` registry. A malicious client sends the same reply shape as an honest one: it never
@@ -23,10 +33,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lab.config import AttackConfig, ExperimentConfig
+from byzantine.registry import MatrixAttack, build_matrix_attack
+from byzantine.schedule import attacks_this_round
+from lab.config import AttackConfig
 from lab.data import Split
-from lab.task import generator
 from lab.triggers import Trigger
+
+# attacks_this_round moved to byzantine.schedule (the server-side colluder needs it too); it is
+# re-exported here for client.app.
+__all__ = ["ATTACKS", "AttackSpec", "Boost", "ClientAttack", "Composite", "GaussianNoise", "LabelFlip",
+           "NormBound", "OwnUpdateAttack", "PixelBackdoor", "SignFlip", "UpdateContext", "attacks_this_round",
+           "build_attack"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +70,7 @@ class PixelBackdoor(ClientAttack):
     source: int | None  # None = all-to-one
     mode: str  # "mix" | "append"
     ratio: float
-    pool: Tensor | None = None  # (P, C, H, W) the client's source-class images, for "append"
+    pool: Tensor | None = None  # (P, C, H, W) the client's source-class (or non-target) images, for "append"
 
     def eligible(self, y: Tensor) -> Tensor:
         return y == self.source if self.source is not None else y != self.target
@@ -127,6 +144,17 @@ class GaussianNoise(ClientAttack):
 
 
 @dataclass(frozen=True)
+class OwnUpdateAttack(ClientAttack):
+    """An update-matrix attack with partial knowledge: the attacker knows its own honest update only."""
+
+    attack: MatrixAttack
+
+    def transform_update(self, delta: Tensor, ctx: UpdateContext, gen: torch.Generator) -> Tensor:
+        own = delta[None]  # (1, d)
+        return self.attack(own, own, gen)[0]
+
+
+@dataclass(frozen=True)
 class Composite(ClientAttack):
     """Behaviours applied in order: poison hooks one after the other, then update transforms."""
 
@@ -159,18 +187,38 @@ class AttackSpec:
     local: Split | None = None  # the attacker's own training data
 
     def source_pool(self) -> Tensor | None:
-        if self.local is None or self.source is None:
+        """The attacker's images that `append` copies: its source-class ones, or every non-target
+        one for an all-to-one backdoor."""
+        if self.local is None:
             return None
-        return self.local.x[self.local.y == self.source]
+        keep = self.local.y == self.source if self.source is not None else self.local.y != self.target
+        return self.local.x[keep]
+
+
+def _backdoor(s: AttackSpec) -> PixelBackdoor:
+    return PixelBackdoor(s.trigger, s.target, s.source, s.attack.poison_mode, s.attack.poison_ratio, s.source_pool())
+
+
+def _matrix(s: AttackSpec) -> tuple[ClientAttack, ...]:
+    """Full knowledge: nothing here (the server-side colluder crafts the row); partial: own update."""
+    if s.attack.resolved_knowledge == "full":
+        return ()
+    return (OwnUpdateAttack(build_matrix_attack(s.attack)),)
 
 
 ATTACKS: dict[str, Callable[[AttackSpec], Sequence[ClientAttack]]] = {
     "none": lambda s: (),
-    "backdoor": lambda s: (PixelBackdoor(s.trigger, s.target, s.source, s.attack.poison_mode, s.attack.poison_ratio,
-                                         s.source_pool()),),
+    "backdoor": lambda s: (_backdoor(s),),
+    "scaling": lambda s: (_backdoor(s), Boost(None)),  # FoundationFL's Scaling: backdoor x n
     "label-flip": lambda s: (LabelFlip(s.num_classes, s.source, s.target),),
     "sign-flip": lambda s: (SignFlip(s.attack.sign_flip_scale),),
     "gaussian-noise": lambda s: (GaussianNoise(s.attack.noise_std),),
+    "trim-attack": _matrix,
+    "krum-attack": _matrix,
+    "min-max": _matrix,
+    "min-sum": _matrix,
+    "alie": _matrix,
+    "ipm": _matrix,
 }
 
 
@@ -183,14 +231,3 @@ def build_attack(spec: AttackSpec) -> Composite:
     if a.norm_bound is not None:
         parts.append(NormBound(a.norm_bound))
     return Composite(tuple(parts))
-
-
-def attacks_this_round(cfg: ExperimentConfig, partition_id: int, server_round: int) -> bool:
-    """Start/end rounds and the malicious behaviour rate (a seeded coin per round and client)."""
-    a = cfg.attack
-    if server_round < a.start_round or (a.end_round is not None and server_round > a.end_round):
-        return False
-    if a.malicious_behavior_rate >= 1.0:
-        return True
-    coin = generator(cfg.seed, server_round, partition_id, "behave")
-    return bool(torch.rand(1, generator=coin) < a.malicious_behavior_rate)

@@ -21,12 +21,14 @@ def progress_printer(cfg: ExperimentConfig, label: str = "") -> Callable[[dict[s
     prefix = f"[{label}] " if label else ""
 
     def show(row: dict[str, Any]) -> None:
-        asr = row.get("asr")
-        asr_txt = "-" if asr is None else f"{asr:.3f}"
+        acc, asr = row.get("accuracy"), row.get("asr")
         dropped = row.get("dropped")
         extra = f"  dropped {dropped}" if dropped else ""
-        say(f"{prefix}round {row['round']:>3}/{total}  accuracy {row['accuracy']:.4f}  asr {asr_txt}"
-             f"  ({row.get('seconds', 0.0):.1f} s){extra}")
+        if acc is None:  # a round without central evaluation (training.eval_every)
+            scores = "not evaluated"
+        else:
+            scores = f"accuracy {acc:.4f}  asr {'-' if asr is None else f'{asr:.3f}'}"
+        say(f"{prefix}round {row['round']:>3}/{total}  {scores}  ({row.get('seconds', 0.0):.1f} s){extra}")
 
     return show
 

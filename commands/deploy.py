@@ -321,7 +321,12 @@ def status(folder: Path) -> dict[str, Any]:
 
 
 def check_fits(cfg: ExperimentConfig, dep: Deployment) -> None:
-    """The experiment must describe this federation: one client per SuperNode."""
+    """The experiment must describe this federation: one client per SuperNode, and no colluding
+    adversary that is handed the round's benign updates (the simulation's harness: `fl-lab run`)."""
+    if cfg.attack.resolved_knowledge == "full":
+        raise ConfigError(f"attack.knowledge: full ({cfg.attack.type}: a colluding adversary handed the round's "
+                          "benign updates) runs in simulation only (fl-lab run); a deployment's attackers know "
+                          "only their own update (attack.knowledge=partial)")
     if cfg.federated.num_clients != dep.num_nodes:
         raise ConfigError(f"federated.num_clients is {cfg.federated.num_clients} but the deployment has "
                           f"{dep.num_nodes} SuperNodes (add --set federated.num_clients={dep.num_nodes})")

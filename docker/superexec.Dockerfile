@@ -12,6 +12,7 @@ COPY --chown=app:app pyproject.toml README.md ./
 COPY --chown=app:app lab lab
 COPY --chown=app:app commands commands
 COPY --chown=app:app strategies strategies
+COPY --chown=app:app byzantine byzantine
 COPY --chown=app:app server server
 COPY --chown=app:app client client
 COPY --chown=app:app inversion inversion

@@ -158,7 +158,7 @@ def write_outputs(cfg: ExperimentConfig, entry_id: str, entry: CapturedUpdate, r
         pred = predict(judge, recon.images).argmax(1)
         metrics["predicted"] = pred.tolist()
         metrics["target_fraction"] = float((pred == cfg.dataset.target_class).float().mean())
-    if cfg.attack.type == "backdoor":
+    if cfg.attack.plants_trigger:
         # Scoring only: how much brighter the true trigger box is than the rest of each image.
         trig = make_trigger(cfg.attack.trigger, *recon.images.shape[-2:])
         inside = (recon.images * trig.mask).sum((-1, -2)) / trig.mask.sum()

@@ -103,20 +103,79 @@ def load_data(cfg: DatasetConfig, seed: int) -> DataBundle:
 
 
 def partition_indices(
-    labels: Tensor, partition_id: int, num_partitions: int, fed: FederatedConfig, seed: int
+    labels: Tensor, partition_id: int, num_partitions: int, fed: FederatedConfig, seed: int,
+    num_classes: int = 10,
 ) -> Tensor:
     """Indices of the training samples held by `partition_id`.
 
     IID or Dirichlet(alpha)-by-label through flwr-datasets partitioners, over a small
-    `datasets.Dataset` of (index, label) so only indices travel, never images.
+    `datasets.Dataset` of (index, label) so only indices travel, never images; or the "bias" split
+    of FLTrust and Fang et al. (`bias_partitions`, `num_classes` client groups).
     """
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     if num_partitions > len(labels):
         raise DataError(f"{num_partitions} partitions but only {len(labels)} training samples")
-    parts = _partitions(tuple(labels.tolist()), num_partitions, fed.partitioning,
-                        fed.dirichlet_alpha, seed)
+    if fed.partitioning == "bias":
+        parts = _bias(tuple(labels.tolist()), num_partitions, fed.bias_h, seed, num_classes)
+    else:
+        parts = _partitions(tuple(labels.tolist()), num_partitions, fed.partitioning,
+                            fed.dirichlet_alpha, seed)
     return torch.tensor(parts[partition_id], dtype=torch.int64)
+
+
+def partition_sizes(labels: Tensor, num_partitions: int, fed: FederatedConfig, seed: int,
+                    num_classes: int = 10) -> tuple[int, ...]:
+    """How many training samples each partition holds (the same split as `partition_indices`)."""
+    return tuple(len(partition_indices(labels, i, num_partitions, fed, seed, num_classes))
+                 for i in range(num_partitions))
+
+
+def client_groups(num_partitions: int, num_groups: int) -> list[range]:
+    """The bias split's client groups: contiguous ranges of partition ids, as even as possible.
+
+    When `num_groups` does not divide `num_partitions`, the first `num_partitions % num_groups`
+    groups get one client more (10 groups of 10 for FLTrust's 100 clients).
+    """
+    if num_partitions < num_groups:
+        raise DataError(f"the bias split needs one client per group: {num_partitions} clients, "
+                        f"{num_groups} groups")
+    base, extra = divmod(num_partitions, num_groups)
+    starts = [g * base + min(g, extra) for g in range(num_groups + 1)]
+    return [range(starts[g], starts[g + 1]) for g in range(num_groups)]
+
+
+def bias_partitions(labels: Tensor, num_partitions: int, h: float, seed: int,
+                    num_classes: int = 10) -> list[Tensor]:
+    """FLTrust's non-IID "bias" split (Cao et al., NDSS 2021; Fang et al., USENIX Security 2020).
+
+    The clients form `num_classes` groups (`client_groups`). A training example of label l goes
+    to group l with probability `h`, otherwise to one of the other groups uniformly, then
+    uniformly to one client of that group. h = 1 gives each group only its own label; h = 1 /
+    num_classes is IID in distribution. Every example goes to exactly one client; the draw is a
+    pure function of (labels, num_partitions, h, seed). Returns each partition's indices, ascending.
+    """
+    y = labels.numpy().astype(np.int64)  # (N,)
+    if len(y) and not (0 <= y.min() and y.max() < num_classes):
+        raise DataError(f"labels outside [0, {num_classes}) for the bias split")
+    groups = client_groups(num_partitions, num_classes)
+    rng = np.random.default_rng([seed, 0xB1A5])
+    stay = rng.random(len(y)) < h  # (N,) keeps its own group
+    other = (y + rng.integers(1, num_classes, size=len(y))) % num_classes  # uniform over the other groups
+    group = np.where(stay, y, other)  # (N,)
+    start = np.array([g.start for g in groups])
+    size = np.array([len(g) for g in groups])
+    client = start[group] + np.floor(rng.random(len(y)) * size[group]).astype(np.int64)  # (N,)
+    order = np.argsort(client, kind="stable")  # indices grouped by client, ascending within each
+    bounds = np.searchsorted(client[order], np.arange(num_partitions + 1))
+    return [torch.from_numpy(order[bounds[i]:bounds[i + 1]].copy()) for i in range(num_partitions)]
+
+
+@functools.lru_cache(maxsize=4)
+def _bias(labels: tuple[int, ...], num_partitions: int, h: float, seed: int,
+          num_classes: int) -> tuple[tuple[int, ...], ...]:
+    parts = bias_partitions(torch.tensor(labels, dtype=torch.int64), num_partitions, h, seed, num_classes)
+    return tuple(tuple(p.tolist()) for p in parts)
 
 
 @functools.lru_cache(maxsize=4)

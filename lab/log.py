@@ -10,7 +10,7 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Our packages only: Flower's own logger already has a handler, and a root handler would print
 # every Flower line twice.
-PACKAGES = ("lab", "strategies", "server", "client", "inversion", "unlearning", "bench")
+PACKAGES = ("lab", "strategies", "byzantine", "server", "client", "inversion", "unlearning", "bench")
 
 
 def configure(level: str | int | None = None) -> None:

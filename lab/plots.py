@@ -32,9 +32,12 @@ def sweep_plots(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
             if (label, r.get("attack.poison_ratio")) in seen or r["seed"] != rs[0]["seed"]:
                 continue  # one curve per rule (first seed, first poison ratio)
             seen.add((label, r.get("attack.poison_ratio")))
-            metrics = [m for m in read_jsonl(Path(r["run"]) / "metrics.jsonl") if m["round"] > 0]
+            # Rounds without central evaluation (training.eval_every) have null metrics: leave them out.
+            metrics = [m for m in read_jsonl(Path(r["run"]) / "metrics.jsonl")
+                       if m["round"] > 0 and m.get("accuracy") is not None]
             ax_acc.plot([m["round"] for m in metrics], [m["accuracy"] for m in metrics], label=label)
-            ax_asr.plot([m["round"] for m in metrics], [m["asr"] for m in metrics], label=label)
+            ax_asr.plot([m["round"] for m in metrics],
+                        [float("nan") if m.get("asr") is None else m["asr"] for m in metrics], label=label)
         ax_acc.set(title=f"clean accuracy ({attack})", xlabel="round", ylim=(0, 1.02))
         ax_asr.set(title=f"attack success rate ({attack})", xlabel="round", ylim=(-0.02, 1.02))
         ax_asr.legend(fontsize=7, ncol=2)

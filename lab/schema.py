@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 DatasetName = Literal["digits", "mnist", "fashion-mnist", "emnist-digits", "cifar10"]
-AttackType = Literal["none", "backdoor", "label-flip", "sign-flip", "gaussian-noise"]
+AttackType = Literal["none", "backdoor", "scaling", "label-flip", "sign-flip", "gaussian-noise",
+                     "trim-attack", "krum-attack", "min-max", "min-sum", "alie", "ipm"]
+# Attacks computed over the update matrix (byzantine/); the others poison data or transform the
+# attacker's own update in the ClientApp.
+UPDATE_MATRIX_ATTACKS = frozenset({"trim-attack", "krum-attack", "min-max", "min-sum", "alie", "ipm"})
+Knowledge = Literal["auto", "full", "partial"]
+Perturbation = Literal["unit-vec", "sign", "std"]
 PoisonMode = Literal["mix", "append"]
 TriggerShape = Literal["square", "checkerboard", "cross"]
 Position = Literal["bottom-right", "bottom-left", "top-right", "top-left", "center"]
@@ -42,8 +48,15 @@ class FederatedConfig:
     num_clients: int = 10
     clients_per_round: int | None = None  # None = all clients (see fraction)
     fraction: float = 1.0
-    partitioning: Literal["iid", "dirichlet"] = "iid"
+    # iid; dirichlet (alpha per label); bias: FLTrust's / Fang et al.'s non-IID split with h = bias_h
+    partitioning: Literal["iid", "dirichlet", "bias"] = "iid"
     dirichlet_alpha: float = 0.5
+    bias_h: float = 0.5  # bias: share of a label's examples that stay with that label's client group
+    # None: attackers are sampled like everyone; k: exactly k of each round's sampled clients are
+    # malicious (experiment design, from the simulation's ground truth; no defense sees it).
+    attackers_per_round: int | None = None
+    # FedAvg's weighted sum divided by the sampled clients' weight, or by all clients' (Bagdasaryan et al.).
+    fedavg_divisor: Literal["sampled", "total"] = "sampled"
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     server_lr: float = 1.0
 
@@ -56,7 +69,7 @@ class FederatedConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    model: Literal["cnn", "mlp", "resnet18"] = "cnn"
+    model: Literal["cnn", "mlp", "resnet18", "fltrust-cnn", "lenet", "softmax"] = "cnn"
     rounds: int = 20
     local_epochs: int = 1
     local_steps: int | None = None  # when set, overrides local_epochs
@@ -65,6 +78,7 @@ class TrainingConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    eval_every: int = 1  # central evaluation every N rounds (always round 0 and the last round)
 
 
 @dataclass(frozen=True)
@@ -93,11 +107,33 @@ class AttackConfig:
     norm_bound: float | None = None
     noise_std: float = 1.0  # gaussian-noise attack
     sign_flip_scale: float = 1.0  # sign-flip attack: send -scale * honest update
+    # The threat model: "full" = a colluding adversary handed the round's benign updates (a
+    # server-side hook: simulation only); "partial" = each attacker knows only its own honest update
+    # (the ClientApp). "auto" = full for the UPDATE_MATRIX_ATTACKS (the papers' setting), partial
+    # for the others, which only ever use the attacker's own data or update.
+    knowledge: Knowledge = "auto"
+    alie_z: float | None = None  # alie: mu - z * sigma; None = Baruch et al.'s z_max from n and f
+    ipm_epsilon: float = 0.5  # ipm: -epsilon * mean of the benign updates
+    minmax_perturbation: Perturbation = "unit-vec"  # min-max / min-sum: the direction grad_p
 
     @property
     def ratios(self) -> tuple[float, ...]:
         r = self.attackers_ratio
         return r if isinstance(r, tuple) else (r,)
+
+    @property
+    def plants_trigger(self) -> bool:
+        """Does the attack stamp the trigger (the backdoor, and Scaling, which is a boosted backdoor)?"""
+        return self.type in ("backdoor", "scaling")
+
+    @property
+    def resolved_knowledge(self) -> Literal["full", "partial"] | None:
+        """`knowledge` with "auto" resolved (None without an attack)."""
+        if self.type == "none":
+            return None
+        if self.knowledge != "auto":
+            return self.knowledge
+        return "full" if self.type in UPDATE_MATRIX_ATTACKS else "partial"
 
 
 @dataclass(frozen=True)

@@ -4,15 +4,21 @@
 built from whole arrays at once (never image by image), from the standard on-disk formats under
 `cfg.data_dir`:
 
-- MNIST family: the unzipped idx files in `<data_dir>/<MNIST|FashionMNIST|EMNIST>/raw/`, read by
-  torchvision (which checks only that they exist, no md5), downloaded by it when allowed.
+- MNIST family: the four idx files, plain or gzipped (`lab.idx`), in the first folder of the
+  search path that holds any of them: torchvision's `<data_dir>/<MNIST|FashionMNIST|EMNIST>/raw/`,
+  then `<data_dir>/<name>/` and `<data_dir>` itself when it is named `<name>` (Debian's layout:
+  `/usr/share/datasets/fashion-mnist/*.gz`), then the system folders in `SYSTEM_DIRS`
+  (Fashion-MNIST: Debian's `dataset-fashion-mnist` package). A folder is taken only when its path
+  names the dataset, since MNIST and Fashion-MNIST files have the same names. torchvision only
+  downloads, into its own layout, when allowed.
 - CIFAR-10: the pickled batches in `<data_dir>/cifar-10-batches-py/`. torchvision would md5 every
   batch and then call an unrestricted `pickle.load`; here torchvision only downloads and extracts
   the archive, and the batches are read with an allow-list unpickler that can rebuild numpy arrays
   and nothing else, so a planted file cannot run code.
 
 Every failure a user can cause (missing files with download off, a failed download, a truncated or
-foreign file) is one `DataError` line naming the folder and the files expected there.
+foreign file) is one `DataError` line naming the folder, the files expected there and how to get
+them.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from torch import Tensor
 
 from lab.config import DatasetConfig
 from lab.errors import DataError
+from lab.idx import IdxError, read_idx
 from lab.split import Split
 
 log = logging.getLogger(__name__)
@@ -62,25 +69,27 @@ def load(name: str, cfg: DatasetConfig) -> tuple[Split, Split]:
     train, test = LOADERS[name](root, cfg.download)
     if cfg.image_size is not None:
         train, test = _resized(train, cfg.image_size), _resized(test, cfg.image_size)
-    log.info("%s: %d train + %d test images %s from %s", name, len(train), len(test),
+    log.info("%s: %d train + %d test images %s (data_dir %s)", name, len(train), len(test),
              tuple(train.x.shape[1:]), root)
     return train, test
 
 
 # --------------------------------------------------------------------------------------------
-# MNIST family: idx files through torchvision
+# MNIST family: idx files (plain or gzipped) from a search path; torchvision downloads
 
 
 @dataclass(frozen=True)
 class IdxDataset:
-    """Where one MNIST-style dataset lives and how torchvision builds it."""
+    """Where one MNIST-style dataset lives and how torchvision downloads it."""
 
     name: str
     cls_name: str  # torchvision.datasets class; also its folder under data_dir
-    files: tuple[str, ...]  # unzipped idx files torchvision reads from <root>/<cls_name>/raw
+    # train images, train labels, test images, test labels; each also accepted as <file>.gz
+    files: tuple[str, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
     # EMNIST's idx files hold every image transposed (column-major writer); (N, H, W) -> upright.
     upright: Callable[[Tensor], Tensor] = lambda x: x
+    hint: str = ""  # another way to get the files, for the missing-files message
 
 
 def _idx_files(prefix_train: str, prefix_test: str) -> tuple[str, ...]:
@@ -89,48 +98,87 @@ def _idx_files(prefix_train: str, prefix_test: str) -> tuple[str, ...]:
 
 
 MNIST = IdxDataset("mnist", "MNIST", _idx_files("train", "t10k"))
-FASHION_MNIST = IdxDataset("fashion-mnist", "FashionMNIST", _idx_files("train", "t10k"))
+FASHION_MNIST = IdxDataset(
+    "fashion-mnist", "FashionMNIST", _idx_files("train", "t10k"),
+    hint="on Debian or Ubuntu `apt-get install dataset-fashion-mnist` installs them "
+         "(in /usr/share/datasets/fashion-mnist)",
+)
 EMNIST_DIGITS = IdxDataset(
     "emnist-digits", "EMNIST",
     _idx_files("emnist-digits-train", "emnist-digits-test"),
     kwargs={"split": "digits"},
-    # torchvision (0.29 checked, see tests) returns the stored arrays as they are.
     upright=lambda x: x.transpose(1, 2).contiguous(),
 )
+# Folders searched after data_dir's, per dataset: where system packages put the files. Read at
+# call time (tests point it elsewhere).
+SYSTEM_DIRS: dict[str, tuple[str, ...]] = {"fashion-mnist": ("/usr/share/datasets/fashion-mnist",)}
+
+
+def idx_search_path(spec: IdxDataset, root: Path) -> list[Path]:
+    """The folders that may hold `spec`'s files, in order; each names the dataset in its path."""
+    folders = [root / spec.cls_name / "raw", root / spec.name]
+    if root.name in (spec.name, spec.cls_name):
+        folders.append(root)
+    folders += [Path(d) for d in SYSTEM_DIRS.get(spec.name, ())]
+    return list(dict.fromkeys(folders))  # without repeats, in order
+
+
+def _find_idx(spec: IdxDataset, folders: list[Path]) -> tuple[Path, list[Path | None]]:
+    """The first folder holding any of `spec.files` (plain preferred over .gz), with each file's
+    path there or None; the first folder and all None when no folder holds any."""
+    for folder in folders:
+        found = [next((p for p in (folder / f, folder / f"{f}.gz") if p.is_file()), None)
+                 for f in spec.files]
+        if any(found):
+            return folder, found
+    return folders[0], [None] * len(spec.files)
 
 
 def load_idx(spec: IdxDataset, root: Path, download: bool) -> tuple[Split, Split]:
-    """Train and test splits of an MNIST-style dataset through `torchvision.datasets`."""
-    import torchvision.datasets
+    """Train and test splits of an MNIST-style dataset from its idx files (see the module doc)."""
+    folders = idx_search_path(spec, root)
+    folder, found = _find_idx(spec, folders)
+    if None in found and not download:
+        raise DataError(_missing_message(spec.name, folder, spec.files, _absent(spec, found),
+                                         _also(folders, folder), spec.hint))
+    if None in found:
+        import torchvision.datasets
 
-    cls = getattr(torchvision.datasets, spec.cls_name)
-    folder = root / spec.cls_name / "raw"
-    missing = [f for f in spec.files if not (folder / f).is_file()]
-    if missing and not download:
-        raise DataError(_missing_message(spec.name, folder, spec.files, missing))
-    if missing:
+        folder = folders[0]  # torchvision's own layout
         log.info("%s: downloading into %s", spec.name, folder)
         try:
-            cls(str(root), train=True, download=True, **spec.kwargs)
+            getattr(torchvision.datasets, spec.cls_name)(str(root), train=True, download=True,
+                                                         **spec.kwargs)
         except Exception as exc:  # urllib, http, tar/zip and md5 errors all mean the same here
             log.debug("%s: download failed", spec.name, exc_info=True)
-            raise DataError(_download_message(spec.name, folder, spec.files, exc)) from None
-        still = [f for f in spec.files if not (folder / f).is_file()]
-        if still:
-            raise DataError(_missing_message(spec.name, folder, spec.files, still))
+            raise DataError(_download_message(spec.name, folder, spec.files, exc, spec.hint)) from None
+        folder, found = _find_idx(spec, [folder])
+        if None in found:
+            raise DataError(_missing_message(spec.name, folder, spec.files, _absent(spec, found)))
+    paths = [p for p in found if p is not None]
     splits = []
-    for train in (True, False):
-        try:
-            ds = cls(str(root), train=train, download=False, **spec.kwargs)
-            x = spec.upright(ds.data)  # (N, H, W) uint8
-            y = ds.targets  # (N,) int64
-        except (AssertionError, TypeError, ValueError, RuntimeError, OSError) as exc:
-            # torchvision's idx reader asserts on foreign magic numbers and fails to view
-            # truncated payloads; a file a user put there is a user mistake, not a bug.
-            raise DataError(f"{spec.name}: cannot read the idx files in {folder} "
-                            f"({_one_line(exc)}); expected {', '.join(spec.files)}") from None
+    for images, labels in (paths[:2], paths[2:]):
+        x = spec.upright(_read(spec, images, 3))  # (N, H, W) uint8
+        y = _read(spec, labels, 1)  # (N,) uint8
         splits.append(_checked(spec.name, folder, x.unsqueeze(1), y))
+    log.info("%s: idx files from %s", spec.name, folder)
     return splits[0], splits[1]
+
+
+def _read(spec: IdxDataset, path: Path, ndim: int) -> Tensor:
+    try:
+        return read_idx(path, ndim)
+    except IdxError as exc:  # a file a user put there is a user mistake, not a bug: one line
+        raise DataError(f"{spec.name}: cannot read {path} ({_one_line(exc)}); expected "
+                        f"{', '.join(spec.files)} (each may be gzipped)") from None
+
+
+def _absent(spec: IdxDataset, found: list[Path | None]) -> list[str]:
+    return [f for f, p in zip(spec.files, found, strict=True) if p is None]
+
+
+def _also(folders: list[Path], used: Path) -> list[Path]:
+    return [f for f in folders if f != used]
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,16 +343,21 @@ def _resized(split: Split, size: int) -> Split:
     return Split(out, split.y)
 
 
-def _missing_message(name: str, folder: Path, files: tuple[str, ...], missing: list[str]) -> str:
+def _missing_message(name: str, folder: Path, files: tuple[str, ...], missing: list[str],
+                     also: list[Path] | None = None, hint: str = "") -> str:
     which = "" if len(missing) == len(files) else f"missing: {', '.join(missing)}; "
+    searched = f"; also searched {', '.join(map(str, also))}" if also else ""
+    how = f"{hint}; or " if hint else ""
     return (f"{name}: dataset files not found in {folder} "
-            f"({which}expected: {', '.join(files)}); "
-            "set dataset.download: true or put the unpacked files there")
+            f"({which}expected: {', '.join(files)}{searched}); "
+            f"{how}set dataset.download: true or put the files there")
 
 
-def _download_message(name: str, folder: Path, files: tuple[str, ...], exc: BaseException) -> str:
-    return (f"{name}: download failed ({_one_line(exc)}); put the unpacked files "
-            f"{', '.join(files)} in {folder}")
+def _download_message(name: str, folder: Path, files: tuple[str, ...], exc: BaseException,
+                      hint: str = "") -> str:
+    how = f"; or {hint}" if hint else ""
+    return (f"{name}: download failed ({_one_line(exc)}); put the files "
+            f"{', '.join(files)} in {folder}{how}")
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:

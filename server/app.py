@@ -14,9 +14,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from byzantine.collusion import build_colluder
 from lab import log as lablog
 from lab.config import ExperimentConfig, from_run_config
-from lab.data import load_data, malicious_partitions
+from lab.data import DataBundle, load_data, malicious_partitions, partition_sizes
 from lab.errors import RunError
 from lab.records import ParamLayout, nonfinite_entries
 from lab.runfolder import STOP_FILE
@@ -64,6 +65,18 @@ def ground_truth(run_config: dict[str, object], cfg: ExperimentConfig) -> frozen
     return frozenset(malicious_partitions(cfg.federated.num_clients, cfg.attack.ratios[0], cfg.seed))
 
 
+def examples_per_client(cfg: ExperimentConfig, data: DataBundle) -> tuple[float, ...]:
+    """The num-examples each client reports in a training round, all clients (`fedavg_divisor: total`).
+
+    `lab.task.train_local`'s count for an honest client: its partition's size, or
+    min(local_steps * batch_size, size) with `training.local_steps`. The server holds the same
+    training split and partition function as the clients, so this is exact, not an estimate.
+    """
+    t = cfg.training
+    sizes = partition_sizes(data.train.y, cfg.federated.num_clients, cfg.federated, cfg.seed, data.num_classes)
+    return tuple(float(min(t.local_steps * t.batch_size, n) if t.local_steps else n) for n in sizes)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     lablog.configure()
@@ -78,13 +91,18 @@ def main(grid: Grid, context: Context) -> None:
     initial = state_of(model)
     layout = ParamLayout.of(initial)
     hp = LocalHyperparams.of(cfg)
+    all_examples = examples_per_client(cfg, data) if cfg.federated.fedavg_divisor == "total" else None
     ctx = AggregatorContext(layout=layout, clients_per_round=cfg.federated.round_size, seed=cfg.seed,
-                            output_slice=layout.output_slice())
+                            output_slice=layout.output_slice(), all_examples=all_examples)
     aggregator = build_aggregator(cfg.federated.aggregator.name, dict(cfg.federated.aggregator.params), ctx)
     trigger = make_trigger(cfg.attack.trigger, *data.image_shape[1:])
     stateful = aggregator if isinstance(aggregator, Checkpointable) else None
-    recorder = RunRecorder(out, cfg, data, build_for(cfg, data), trigger, ground_truth(run_config, cfg),
+    malicious = ground_truth(run_config, cfg)
+    recorder = RunRecorder(out, cfg, data, build_for(cfg, data), trigger, malicious,
                            aggregator_state=stateful.state_dict if stateful is not None else None)
+    if all_examples is not None:
+        weighted = bool(cfg.federated.aggregator.params.get("weighted", True))
+        recorder.extra_settings["federated.fedavg_total_weight"] = sum(all_examples) if weighted else len(all_examples)
     # Resume before the capture hook is built: it counts the capture bytes already written.
     done, resumed = recorder.resume() if cfg.execution.resume else (0, None)
     if done and stateful is not None:
@@ -110,6 +128,14 @@ def main(grid: Grid, context: Context) -> None:
         server_lr=cfg.federated.server_lr,
         reference_update=reference_update,
         on_round=recorder.on_round,
+        # attack.knowledge: full: the colluding adversary of the simulation (experiment harness; it
+        # replaces the malicious rows before the rule runs, and the rule is never told which).
+        collude=build_colluder(cfg, ground_truth(run_config, cfg)),
+        seed=cfg.seed,
+        # Ground truth, for the experiment's design only: exactly attackers_per_round of each round's
+        # sampled clients are malicious (None: drawn like everyone). No rule ever sees it.
+        malicious=malicious,
+        attackers_per_round=cfg.federated.attackers_per_round,
     )
     runner: Strategy = strategy
     if cfg.capture.enabled:

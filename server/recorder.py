@@ -1,8 +1,13 @@
 """Server-side bookkeeping of a run: central evaluation, metrics.jsonl, checkpoints, summary.
 
 The recorder is the only place that knows the ground truth (which partitions are malicious); it
-uses it to score the rule's decisions, never to make them. metrics.jsonl and summary.json are strict
+uses it to score the rule's decisions, never to make them (and, as experiment design, to draw a
+fixed number of attackers per round: `strategies.sampling`). metrics.jsonl and summary.json are strict
 JSON: a NaN or infinite value is written as null and named under "nonfinite" (`finite_record`).
+
+Central evaluation runs every `training.eval_every` rounds, always on round 0 and the last round;
+the other rounds still write their metrics.jsonl line (accuracy, loss, asr and source_accuracy
+null) and their checkpoint. summary.json's `settings` names the federation settings the run used.
 """
 
 from __future__ import annotations
@@ -35,6 +40,36 @@ from lab.triggers import Trigger
 from strategies.flower import RoundDecisions
 
 log = logging.getLogger(__name__)
+METRIC_KEYS = ("accuracy", "loss", "asr", "source_accuracy")  # central evaluation's, null when not evaluated
+
+
+def evaluates(cfg: ExperimentConfig, server_round: int) -> bool:
+    """Is the global model evaluated centrally after `server_round` (`training.eval_every`)?"""
+    t = cfg.training
+    return server_round == 0 or server_round >= t.rounds or server_round % t.eval_every == 0
+
+
+def settings(cfg: ExperimentConfig) -> dict[str, object]:
+    """The federation settings papers differ in, under their config key paths (summary.json `settings`)."""
+    f, t = cfg.federated, cfg.training
+    out: dict[str, object] = {"dataset.name": cfg.dataset.name, "training.model": t.model,
+                              "federated.num_clients": f.num_clients, "federated.partitioning": f.partitioning}
+    if f.partitioning == "bias":
+        out["federated.bias_h"] = f.bias_h
+    elif f.partitioning == "dirichlet":
+        out["federated.dirichlet_alpha"] = f.dirichlet_alpha
+    out.update({
+        "federated.clients_per_round": f.round_size,
+        "federated.attackers_per_round": f.attackers_per_round,
+        "federated.fedavg_divisor": f.fedavg_divisor,
+        "federated.server_lr": f.server_lr,
+        "training.local_steps": t.local_steps,
+        "training.local_epochs": None if t.local_steps is not None else t.local_epochs,
+        "training.batch_size": t.batch_size,
+        "training.lr": t.lr,
+        "training.eval_every": t.eval_every,
+    })
+    return out
 
 
 class RunRecorder:
@@ -62,6 +97,8 @@ class RunRecorder:
         self._pending: RoundDecisions | None = None
         self._detections: list[Detection] = []
         self.last: dict[str, object] = {}
+        self.evaluated: dict[str, object] = {}  # the last row with central evaluation
+        self.extra_settings: dict[str, object] = {}  # settings the server derives (fedavg total weight)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
 
@@ -95,6 +132,7 @@ class RunRecorder:
             return 0, None
         self._detections = [Detection(**r["detection"]) for r in kept if r.get("detection")]
         self.last = kept[-1]
+        self.evaluated = next((r for r in reversed(kept) if r.get("accuracy") is not None), {})
         self.started = time.time() - float(kept[-1].get("seconds", 0.0))
         self._round_started = time.time()
         log.info("resume: continuing %s after round %d", out, start)
@@ -125,12 +163,16 @@ class RunRecorder:
         self._pending = decisions
 
     def evaluate(self, server_round: int, state: dict[str, Tensor]) -> dict[str, float]:
-        """Central evaluation after `server_round` (0 = initial model); writes the round's line."""
-        load_state(self.model, state)
-        ev = evaluate(self.model, self.data.test, self.trigger, self.cfg.dataset.target_class,
-                      self.cfg.dataset.source_class)
+        """Central evaluation after `server_round` (0 = initial model) when `evaluates` says so;
+        writes the round's line either way (metrics null without evaluation) and its checkpoint."""
+        ev = None
+        if evaluates(self.cfg, server_round):
+            load_state(self.model, state)
+            ev = evaluate(self.model, self.data.test, self.trigger, self.cfg.dataset.target_class,
+                          self.cfg.dataset.source_class)
+        values: dict[str, float | None] = ev.as_dict() if ev is not None else dict.fromkeys(METRIC_KEYS)
         now = time.time()
-        row: dict[str, object] = {"round": server_round, **ev.as_dict(),
+        row: dict[str, object] = {"round": server_round, **values,
                                   "seconds": now - self.started, "round_seconds": now - self._round_started}
         decisions, self._pending = self._pending, None
         if decisions is not None and decisions.server_round == server_round:
@@ -151,12 +193,17 @@ class RunRecorder:
                              self.aggregator_state(), {"round": str(server_round)})
             save_tensors(self.out_dir / "checkpoints" / f"round_{server_round:04d}.safetensors", state,
                          {"round": str(server_round)})
+        self._round_started = now
+        self.last = row
+        if ev is None:
+            log.info("round %d/%d: not evaluated (training.eval_every=%d)", server_round,
+                     self.cfg.training.rounds, self.cfg.training.eval_every)
+            return {}
+        self.evaluated = row
         asr = "-" if ev.asr is None else f"{ev.asr:.3f}"
         log.info("round %d/%d: accuracy %.4f, asr %s, loss %.4f", server_round, self.cfg.training.rounds,
                  ev.accuracy, asr, ev.loss)
-        self._round_started = now
-        self.last = row
-        return {k: float(v) for k, v in ev.as_dict().items() if v is not None}
+        return {k: float(v) for k, v in values.items() if v is not None}
 
     @staticmethod
     def _flagged(decisions: RoundDecisions) -> set[int] | None:
@@ -169,20 +216,24 @@ class RunRecorder:
         save_tensors(self.out_dir / "final.safetensors", state, {"round": str(self.cfg.training.rounds)})
         cfg = self.cfg
         overall = pooled_detection(self._detections).as_dict() if self._detections else None
+        last = self.evaluated  # the last round is always evaluated; this is it
         summary = {
             "name": cfg.name,
-            "final_accuracy": self.last.get("accuracy"),
-            "final_asr": self.last.get("asr"),
+            "final_accuracy": last.get("accuracy"),
+            "final_asr": last.get("asr"),
             # A run without attackers *is* the clean model: its ASR is the floor of this task.
-            "asr_floor": self.last.get("asr") if cfg.attack.type == "none" else None,
-            "final_source_accuracy": self.last.get("source_accuracy"),
+            "asr_floor": last.get("asr") if cfg.attack.type == "none" else None,
+            "final_source_accuracy": last.get("source_accuracy"),
+            "final_round_evaluated": last.get("round"),
             "rounds": cfg.training.rounds,
             "strategy": cfg.federated.aggregator.name,
             "attack": cfg.attack.type,
+            "attack_knowledge": cfg.attack.resolved_knowledge,  # full, partial, or null without an attack
             "attackers_ratio": cfg.attack.ratios[0],
             "malicious_partitions": sorted(self.malicious),
             "detection": overall,
             "seed": cfg.seed,
+            "settings": {**settings(cfg), **self.extra_settings},
             "seconds": time.time() - self.started,
             "torch": torch.__version__,
         }

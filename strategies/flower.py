@@ -1,7 +1,9 @@
 """The thin Flower wrapper: FedAvg's sampling and messaging, our aggregation over client updates.
 
-`RobustFedAvg` overrides `configure_train` (to remember the global model it sends and to add the
-local hyperparameters to the ConfigRecord) and `aggregate_train` (validate replies with the pure
+`RobustFedAvg` overrides `configure_train` (to remember the global model it sends, to add the
+local hyperparameters to the ConfigRecord, and to sample the round's clients by partition with a
+seeded `strategies.sampling.RoundSampler` instead of Flower's unseeded draw over node ids) and
+`aggregate_train` (validate replies with the pure
 checks of `strategies.replies`, build the (n_clients, n_params) update matrix with `ParamLayout`,
 call the aggregator, apply the server learning rate unless the result is not finite). It never
 mutates a reply and never calls Flower's private methods.
@@ -16,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from torch import Tensor
@@ -24,6 +26,7 @@ from torch import Tensor
 from lab.errors import AggregationError, LabError, ReplyError
 from lab.records import ParamLayout
 from strategies.replies import IdentityBook, read_examples, read_loss, shorten
+from strategies.sampling import RoundSampler
 from strategies.types import Aggregate, Aggregator, RoundInfo
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,13 @@ class RobustFedAvg(FedAvg):
         server_lr: eta in G_{t+1} = G_t + eta * Agg(updates).
         reference_update: FLTrust's server update on its root set, from the flat global model.
         on_round: called with each round's `RoundDecisions` after aggregation.
+        collude: experiment harness, not the defense: the simulation's full-knowledge adversary
+            (`byzantine.collusion.Colluder`), called with (updates, row partitions, round) between
+            building the update matrix and the aggregator; it may replace malicious rows. The
+            aggregator still gets only the matrix.
+        seed: seeds the per-round client sampling (`RoundSampler`).
+        malicious, attackers_per_round: `federated.attackers_per_round` (see `RoundSampler`): the
+            ground truth, used only to draw exactly that many attackers per round, never to aggregate.
     """
 
     def __init__(
@@ -94,6 +104,11 @@ class RobustFedAvg(FedAvg):
         server_lr: float = 1.0,
         reference_update: Callable[[Tensor, int], Tensor] | None = None,
         on_round: Callable[[RoundDecisions], None] | None = None,
+        collude: Callable[[Tensor, tuple[int, ...], int], Tensor] | None = None,
+        seed: int = 0,
+        malicious: frozenset[int] = frozenset(),
+        attackers_per_round: int | None = None,
+        roll_call_timeout: float = 600.0,
     ) -> None:
         super().__init__(
             # A hair above the exact share, so int(num_nodes * fraction) never rounds down.
@@ -109,7 +124,10 @@ class RobustFedAvg(FedAvg):
         self.server_lr = server_lr
         self.reference_update = reference_update
         self.on_round = on_round
+        self.collude = collude
         self.identities = IdentityBook(num_clients)  # node id <-> partition, across rounds
+        self.sampler = RoundSampler(num_clients, clients_per_round, seed, malicious, attackers_per_round)
+        self.roll_call_timeout = roll_call_timeout
         self._global: dict[str, Tensor] | None = None
 
     def configure_train(
@@ -119,7 +137,52 @@ class RobustFedAvg(FedAvg):
         for node in self.identities.release_absent(grid.get_node_ids()):
             log.warning("round %d: node %s is gone; its partition may be claimed again", server_round, node)
         merged = ConfigRecord({**self.train_config, **dict(config), "round-size": self.clients_per_round})
-        return super().configure_train(server_round, arrays, merged, grid)
+        if self.sampler.everyone:  # every node trains: FedAvg's own messaging, nothing to draw
+            return super().configure_train(server_round, arrays, merged, grid)
+        chosen = self.sampler.partitions(server_round)
+        nodes = self._nodes_holding(chosen, grid, server_round)
+        log.info("round %d: sampled partitions %s", server_round, chosen)
+        merged["server-round"] = server_round
+        record = RecordDict({"arrays": arrays, "config": merged})
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes]
+
+    def _nodes_holding(self, partitions: list[int], grid: Grid, server_round: int) -> list[int]:
+        """The connected nodes that hold `partitions`, in that order; nodes not heard from yet are
+        asked first (`_roll_call`). A partition no connected node holds is left out, loudly."""
+        while len(connected := list(grid.get_node_ids())) < len(partitions):
+            log.info("round %d: waiting for nodes: %d connected, %d needed", server_round, len(connected),
+                     len(partitions))
+            time.sleep(1)
+        if any(p not in self.identities.node_of for p in partitions):
+            unknown = [node for node in connected if node not in self.identities.partition_of]
+            if unknown:
+                self._roll_call(sorted(unknown), grid, server_round)
+        missing = [p for p in partitions if p not in self.identities.node_of]
+        if missing:
+            log.warning("round %d: no connected node holds partition(s) %s; the round goes on without them",
+                        server_round, missing)
+        return [self.identities.node_of[p] for p in partitions if p in self.identities.node_of]
+
+    def _roll_call(self, nodes: list[int], grid: Grid, server_round: int) -> None:
+        """Ask `nodes` which partition they hold (a QUERY message; the ClientApp's `query` answers
+        with its partition-id). The answer is a claim like any other: `IdentityBook` binds it."""
+        config = ConfigRecord({"server-round": server_round, "query": "partition-id"})
+        asks = [Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=node)
+                for node in nodes]
+        claims: list[tuple[int, object]] = []
+        for msg in grid.send_and_receive(asks, timeout=self.roll_call_timeout):
+            node = msg.metadata.src_node_id
+            metrics = None if msg.has_error() else msg.content.metric_records.get("metrics")
+            if metrics is None:
+                why = shorten(str(msg.error.reason)) if msg.has_error() else "no 'metrics' MetricRecord"
+                log.warning("round %d: roll call: node %s did not say its partition: %s", server_round, node, why)
+                continue
+            claims.append((node, metrics.get("partition-id")))
+        settled = self.identities.settle(claims)
+        log.info("round %d: roll call: %d of %d nodes named their partition", server_round,
+                 len(settled.partition_of), len(nodes))
+        for refusal in settled.refused:
+            log.warning("round %d: roll call: %s", server_round, refusal.reason)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -136,6 +199,8 @@ class RobustFedAvg(FedAvg):
             decisions.skipped = "no valid client reply"
             self._emit(decisions)
             return None, MetricRecord({"num-valid": 0})
+        if self.collude is not None:  # simulation harness (attack.knowledge: full), before the rule
+            updates = self.collude(updates, tuple(decisions.partitions), server_round)
         norms = updates.norm(dim=1)
         info = RoundInfo(
             server_round=server_round,

@@ -27,7 +27,7 @@ from strategies.fl_defender import FLDefender
 from strategies.flame import Flame
 from strategies.fltrust import check_fltrust, fltrust
 from strategies.foolsgold import FoolsGold
-from strategies.mean import weighted_mean
+from strategies.mean import weighted_mean, weighted_sum_over_total
 from strategies.outliers import check_iqr, check_rfout_1d, iqr_filter, rfout_1d
 from strategies.robust import (
     bulyan,
@@ -97,8 +97,19 @@ def _stateful(cls: Callable[..., Aggregator]) -> Factory:
     return factory
 
 
+def _fedavg(ctx: AggregatorContext, **hp: Any) -> Aggregator:
+    """FedAvg (`weighted_mean`); with `federated.fedavg_divisor: total` (`ctx.all_examples` set) the
+    weighted sum is divided by the weight of all clients (`weighted_sum_over_total`)."""
+    rule = _pure(weighted_mean)(ctx, **hp)  # checks the hyperparameters
+    if ctx.all_examples is None:
+        return rule
+    weighted = bool(hp.get("weighted", True))
+    total = float(sum(ctx.all_examples)) if weighted else float(len(ctx.all_examples))
+    return partial(weighted_sum_over_total, total_weight=total, weighted=weighted)
+
+
 AGGREGATORS: dict[str, Factory] = {
-    "fedavg": _pure(weighted_mean),
+    "fedavg": _fedavg,
     "krum": _pure(krum, check_krum),
     "multi-krum": _pure(multi_krum, check_multi_krum),
     "median": _pure(coordinate_median),

@@ -45,6 +45,9 @@ class AggregatorContext:
     seed: int = 0
     # Flat-vector slice of the output layer's weight (FoolsGold, FL-Defender look only there).
     output_slice: slice | None = None
+    # federated.fedavg_divisor total: the num-examples of every client (sampled or not) in a round,
+    # whose sum FedAvg divides by; None = divide by the sampled clients' weight.
+    all_examples: tuple[float, ...] | None = None
 
 
 class Aggregator(Protocol):

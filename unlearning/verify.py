@@ -60,7 +60,7 @@ class Run:
 
     def true_trigger(self) -> Trigger | None:
         """EVALUATION ONLY: the attack's real trigger (None when the run has no backdoor)."""
-        if self.cfg.attack.type != "backdoor":
+        if not self.cfg.attack.plants_trigger:
             return None
         _, h, w = self.data.image_shape
         return make_trigger(self.cfg.attack.trigger, h, w)

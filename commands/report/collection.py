@@ -154,3 +154,12 @@ def environment() -> dict[str, Any]:
             "cpu": cpu, "cpu_cores": os.cpu_count(), "usable_cores": usable_cores(), "memory_gib": mem}
 
 
+def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"section.key": value} (an empty section stays one key)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

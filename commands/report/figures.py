@@ -32,10 +32,14 @@ def plot_rounds(runs: list[Run], path: Path) -> Path:
     plt = _plt()
     fig, (ax_acc, ax_asr) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for r in runs:
-        xs = [m["round"] for m in r.rounds]
+        # Only the evaluated rounds (training.eval_every): a line joins them across the others.
+        evaluated = [m for m in r.rounds if m.get("accuracy") is not None]
+        xs = [m["round"] for m in evaluated]
         style = "--" if not r.attacked else "-"
-        ax_acc.plot(xs, [m["accuracy"] for m in r.rounds], style, label=r.label)
-        ax_asr.plot(xs, [m["asr"] if m.get("asr") is not None else float("nan") for m in r.rounds], style, label=r.label)
+        marker = "." if len(evaluated) < len(r.rounds) else None
+        ax_acc.plot(xs, [m["accuracy"] for m in evaluated], style, marker=marker, label=r.label)
+        ax_asr.plot(xs, [m["asr"] if m.get("asr") is not None else float("nan") for m in evaluated], style,
+                    marker=marker, label=r.label)
     ax_acc.set(title="clean accuracy", xlabel="round", ylim=(0, 1.02))
     ax_asr.set(title="attack success rate (ASR)", xlabel="round", ylim=(-0.02, 1.02))
     ax_asr.legend(fontsize=7)

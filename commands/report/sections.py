@@ -12,18 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from commands.report.blocks import Block, Code, Image, Para, Table
-from commands.report.collection import Collection, Run, environment
+from commands.report.collection import Collection, Run, environment, flat_config
 from commands.report.figures import (
     plot_detection,
     plot_norms,
     plot_rounds,
     plot_unlearning,
 )
+from commands.report.settings import settings_section
 
 log = logging.getLogger(__name__)
 
 # The section headings, in order; tests check that every report has all of REQUIRED.
 HEADLINE = "Headline numbers"
+SETTINGS = "Federation settings"
 ROUNDS = "Accuracy and ASR per round"
 NORMS = "Client update norms"
 DETECTION = "Detection"
@@ -32,7 +34,7 @@ UNLEARNING = "Unlearning"
 SWEEP = "Sweep results"
 CONFIG = "Resolved config"
 REPRO = "Reproducibility"
-REQUIRED = (HEADLINE, ROUNDS, NORMS, DETECTION, RECON, UNLEARNING, CONFIG, REPRO)
+REQUIRED = (HEADLINE, SETTINGS, ROUNDS, NORMS, DETECTION, RECON, UNLEARNING, CONFIG, REPRO)
 
 # A reconstruction shows "the trigger in place" when the true trigger box is this much brighter than
 # the rest of the image (pixel scale [0, 1]; scoring only, inversion's `trigger_contrast`).
@@ -271,25 +273,15 @@ def _md_table(text: str) -> Table | None:
 def config_section(col: Collection) -> list[Block]:
     p = col.primary
     blocks: list[Block] = [Code(p.config_text, f"{p.label}: {p.path.name}/config.yaml")]
-    base = _flat(p.config)
+    base = flat_config(p.config)
     for r in col.runs:
         if r is p:
             continue
-        diff = {k: v for k, v in _flat(r.config).items() if base.get(k) != v}
-        diff.update({k: None for k in base if k not in _flat(r.config)})
+        diff = {k: v for k, v in flat_config(r.config).items() if base.get(k) != v}
+        diff.update({k: None for k in base if k not in flat_config(r.config)})
         text = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(diff.items())) or "identical"
         blocks.append(Para(f"{r.label}: differs in {text}"))
     return blocks
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def repro_section(col: Collection) -> list[Block]:
@@ -314,6 +306,7 @@ def repro_section(col: Collection) -> list[Block]:
 def build(col: Collection, plots: Path) -> list[tuple[str, list[Block]]]:
     sections = [
         (HEADLINE, headline(col)),
+        (SETTINGS, settings_section(col)),
         (ROUNDS, _guarded(rounds_section, col, plots)),
         (NORMS, _guarded(norms_section, col, plots)),
         (DETECTION, _guarded(detection_section, col, plots)),

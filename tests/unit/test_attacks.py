@@ -89,3 +89,39 @@ def test_mix_with_ratio_one_poisons_every_eligible_sample() -> None:
     y = torch.tensor([1, 2, 3])
     _, py = PixelBackdoor(TRIG, 0, None, "mix", 1.0).poison_batch(torch.zeros(3, 1, 3, 3), y, gen())
     assert py.tolist() == [0, 0, 0]
+
+
+def test_label_flip_without_source_is_foundationfls_l_to_9_minus_l() -> None:
+    y = torch.arange(10)
+    flipped = LabelFlip(10, source=None, target=0).poison_batch(torch.zeros(10, 1, 3, 3), y, gen())[1]
+    assert flipped.tolist() == [9 - label for label in range(10)]
+
+
+def test_scaling_is_the_backdoor_boosted_by_the_round_size() -> None:
+    from lab.data import Split
+
+    local = Split(torch.rand(6, 1, 3, 3), torch.tensor([0, 1, 2, 0, 3, 4]))
+    spec = AttackSpec(AttackConfig(type="scaling", attackers_ratio=0.3, poison_mode="append"), TRIG, target=0,
+                      source=None, num_classes=10, local=local)
+    attack = build_attack(spec)
+    assert [type(p).__name__ for p in attack.parts] == ["PixelBackdoor", "Boost"]
+    backdoor, boost = attack.parts
+    assert isinstance(backdoor, PixelBackdoor) and backdoor.pool is not None
+    assert len(backdoor.pool) == 4  # all-to-one append copies the attacker's non-target images
+    assert isinstance(boost, Boost) and boost.gamma(CTX) == 20.0  # n / eta = 10 / 0.5
+    same = build_attack(AttackSpec(AttackConfig(type="backdoor", attackers_ratio=0.3, poison_mode="append",
+                                                boost="auto"), TRIG, 0, None, 10, local))
+    d = torch.tensor([0.1, -0.2])
+    assert torch.equal(attack.transform_update(d, CTX, gen()), same.transform_update(d, CTX, gen()))
+
+
+def test_update_matrix_attacks_in_the_client_follow_the_knowledge() -> None:
+    from client.attacks import OwnUpdateAttack
+
+    full = build_attack(AttackSpec(AttackConfig(type="alie", attackers_ratio=0.3), TRIG, 0, None, 10))
+    assert full.parts == () and not full.transforms_update  # the server-side colluder crafts the row
+    partial = build_attack(AttackSpec(AttackConfig(type="ipm", attackers_ratio=0.3, knowledge="partial",
+                                                   ipm_epsilon=0.5), TRIG, 0, None, 10))
+    assert [type(p) for p in partial.parts] == [OwnUpdateAttack]
+    d = torch.tensor([2.0, -4.0])
+    assert torch.equal(partial.transform_update(d, CTX, gen()), torch.tensor([-1.0, 2.0]))  # -eps * own

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS: dict[str, int] = {
     "lab": 0,  # the kernel: config, data, models, triggers, train/eval, metrics, artifacts
     "strategies": 1,  # libraries
+    "byzantine": 1,  # update-matrix attacks (pure torch; the colluding adversary's hook)
     "inversion": 1,
     "unlearning": 1,
     "server": 2,  # the Flower apps

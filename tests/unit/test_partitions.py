@@ -105,3 +105,77 @@ def test_malicious_partitions() -> None:
     assert malicious_partitions(10, 0.0, seed=0) == ()
     assert malicious_partitions(10, 1.0, seed=0) == tuple(range(10))
     assert len(malicious_partitions(20, 0.25, seed=1)) == 5  # round(0.25 * 20)
+
+
+# --- the "bias" split of FLTrust / Fang et al. (federated.partitioning: bias, federated.bias_h) ---
+
+
+def bias(h: float = 0.5) -> FederatedConfig:
+    return FederatedConfig(num_clients=N, partitioning="bias", bias_h=h)
+
+
+def test_bias_hand_checkable_with_h_one() -> None:
+    # h = 1: every example stays in its label's group; 10 clients = 10 groups of one client each.
+    labels = torch.tensor([3, 1, 3, 0, 9, 1])
+    parts = data.bias_partitions(labels, 10, 1.0, seed=0)
+    assert [p.tolist() for p in parts] == [[3], [1, 5], [], [0, 2], [], [], [], [], [], [4]]
+
+
+def test_bias_h_one_gives_each_group_only_its_label() -> None:
+    labels = torch.arange(1000) % 10
+    parts = data.bias_partitions(labels, 20, 1.0, seed=3)  # groups {0,1}, {2,3}, ... {18,19}
+    for client, p in enumerate(parts):
+        assert len(p) > 0 and set(labels[p].tolist()) == {client // 2}
+
+
+def test_bias_h_zero_keeps_no_example_in_its_own_group() -> None:
+    labels = torch.arange(1000) % 10
+    parts = data.bias_partitions(labels, 10, 0.0, seed=3)
+    for group, p in enumerate(parts):
+        assert group not in set(labels[p].tolist())
+
+
+def test_client_groups_split_evenly_and_say_where_the_remainder_goes() -> None:
+    assert data.client_groups(100, 10) == [range(10 * g, 10 * g + 10) for g in range(10)]
+    # 15 clients, 10 groups: the first 5 groups get 2 clients, the others 1.
+    assert [len(g) for g in data.client_groups(15, 10)] == [2] * 5 + [1] * 5
+    assert [c for g in data.client_groups(15, 10) for c in g] == list(range(15))
+    with pytest.raises(DataError, match="one client per group"):
+        data.client_groups(9, 10)
+
+
+@pytest.mark.parametrize(("num", "h"), [(10, 0.5), (15, 0.5), (20, 0.0), (30, 1.0)])
+def test_bias_partitions_are_disjoint_cover_and_are_seeded(labels: Tensor, num: int, h: float) -> None:
+    parts = data.bias_partitions(labels, num, h, seed=1)
+    every = torch.cat(parts)
+    assert len(every) == len(labels) and torch.equal(every.sort().values, torch.arange(len(labels)))
+    again = data.bias_partitions(labels, num, h, seed=1)
+    other = data.bias_partitions(labels, num, h, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again))
+    assert h == 1.0 or not all(torch.equal(a, b) for a, b in zip(parts, other))
+
+
+def test_bias_through_partition_indices_matches_and_is_deterministic(labels: Tensor) -> None:
+    first = all_parts(labels, bias(0.5), seed=7)
+    data._bias.cache_clear()  # recompute, as another process would
+    assert all(torch.equal(a, b) for a, b in zip(first, all_parts(labels, bias(0.5), seed=7)))
+    assert all(torch.equal(a, b) for a, b in zip(first, data.bias_partitions(labels, N, 0.5, 7)))
+    assert data.partition_sizes(labels, N, bias(0.5), 7) == tuple(len(p) for p in first)
+
+
+@pytest.mark.parametrize("h", [0.1, 0.5, 0.8])
+def test_bias_group_label_share_is_close_to_h_on_large_data(h: float) -> None:
+    labels = torch.randint(0, 10, (60_000,), generator=torch.Generator().manual_seed(0))
+    parts = data.bias_partitions(labels, 100, h, seed=0)
+    groups = data.client_groups(100, 10)
+    own = sum(int((labels[parts[c]] == g).sum()) for g, members in enumerate(groups) for c in members)
+    share = own / len(labels)  # binomial: std sqrt(h(1-h)/60000) <= 0.002
+    assert abs(share - h) < 0.01
+    # The other labels spread evenly over the other groups: each (1 - h) / 9 of a label.
+    counts = torch.zeros(10, 10)  # (group, label)
+    for g, members in enumerate(groups):
+        for c in members:
+            counts[g] += torch.bincount(labels[parts[c]], minlength=10)
+    frac = counts / counts.sum(dim=0, keepdim=True)  # share of each label per group
+    off = frac[~torch.eye(10, dtype=torch.bool)]
+    assert (off - (1 - h) / 9).abs().max() < 0.02

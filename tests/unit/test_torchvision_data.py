@@ -7,7 +7,9 @@ what comes back pixel by pixel. Nothing touches the network: download failures a
 
 from __future__ import annotations
 
+import gzip
 import pickle
+import shutil
 import struct
 import urllib.error
 from pathlib import Path
@@ -18,10 +20,11 @@ import pytest
 import torch
 import torchvision.datasets
 
-from lab import torchvision_data
+from lab import idx, torchvision_data
 from lab.config import DatasetConfig
 from lab.data import load_data
 from lab.errors import DataError
+from lab.idx import IdxError, read_idx
 
 N_TRAIN, N_TEST = 5, 3
 
@@ -171,13 +174,17 @@ def test_emnist_digits_come_back_upright(tmp_path: Path) -> None:
     assert te.x.shape == (N_TEST, 1, 28, 28) and te.y.tolist() == [0, 1, 2]
 
 
-def test_torchvision_emnist_returns_the_stored_orientation(tmp_path: Path) -> None:
-    """Guards our transpose: if torchvision ever rotated EMNIST itself, we would undo it."""
+@pytest.mark.parametrize("name", ["mnist", "emnist-digits"])
+def test_reader_agrees_with_torchvisions(tmp_path: Path, name: str) -> None:
+    """Oracle: torchvision's own idx reader returns the same stored arrays (EMNIST: before our
+    transpose, so if torchvision ever rotated EMNIST itself we would see it here)."""
     stored = known_images(N_TRAIN)
-    write_idx_dataset(tmp_path, "emnist-digits", stored, stored[:N_TEST],
-                      np.zeros(N_TRAIN), np.zeros(N_TEST))
-    ds = torchvision.datasets.EMNIST(str(tmp_path), split="digits", train=True, download=False)
-    assert torch.equal(ds.data, torch.from_numpy(stored))
+    write_idx_dataset(tmp_path, name, stored, stored[:N_TEST], np.arange(N_TRAIN), np.arange(N_TEST))
+    spec = {"mnist": torchvision_data.MNIST, "emnist-digits": torchvision_data.EMNIST_DIGITS}[name]
+    ds = getattr(torchvision.datasets, spec.cls_name)(str(tmp_path), train=True, download=False,
+                                                      **spec.kwargs)
+    ours = read_idx(tmp_path / spec.cls_name / "raw" / spec.files[0], 3)
+    assert torch.equal(ds.data, ours) and torch.equal(ds.data, torch.from_numpy(stored))
 
 
 def test_resize_is_bilinear_half_pixel(tmp_path: Path) -> None:
@@ -278,6 +285,161 @@ def test_load_data_keeps_the_official_test_split(tmp_path: Path) -> None:
 def test_unknown_name_is_dataerror(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="known"):
         torchvision_data.load("svhn", cfg(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST's layouts: gzipped files, Debian's folder, the system search path
+
+
+def gzip_folder(folder: Path) -> None:
+    """Replace every file in `folder` by its gzipped copy `<name>.gz` (as Debian ships them)."""
+    for f in list(folder.iterdir()):
+        f.with_name(f.name + ".gz").write_bytes(gzip.compress(f.read_bytes()))
+        f.unlink()
+
+
+def fashion_files(folder: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Debian's layout in `folder`: the four idx files, gzipped; returns (train, test) images."""
+    train, test = known_images(N_TRAIN, seed=seed), known_images(N_TEST, seed=seed + 1)
+    raw = write_idx_dataset(folder, "fashion-mnist", train, test, np.array([3, 1, 4, 1, 5]),
+                            np.array([9, 2, 6]))
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in raw.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    shutil.rmtree(folder / "FashionMNIST")
+    gzip_folder(folder)
+    return train, test
+
+
+@pytest.fixture(autouse=True)
+def no_system_dirs(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[str, ...]]:
+    """Hermetic tests: no system folder is searched unless a test sets one."""
+    dirs: dict[str, tuple[str, ...]] = {}
+    monkeypatch.setattr(torchvision_data, "SYSTEM_DIRS", dirs)
+    return dirs
+
+
+@pytest.mark.parametrize("layout", ["torchvision-gz", "debian-under-data-dir", "data-dir-named"])
+def test_gzipped_layouts_read_exactly(tmp_path: Path, layout: str) -> None:
+    if layout == "torchvision-gz":
+        train, test = known_images(N_TRAIN), known_images(N_TEST, seed=1)
+        gzip_folder(write_idx_dataset(tmp_path, "fashion-mnist", train, test,
+                                      np.array([3, 1, 4, 1, 5]), np.array([9, 2, 6])))
+        data_dir = tmp_path
+    else:
+        train, test = fashion_files(tmp_path / "fashion-mnist")
+        data_dir = tmp_path if layout == "debian-under-data-dir" else tmp_path / "fashion-mnist"
+
+    tr, te = torchvision_data.load("fashion-mnist", cfg(data_dir, name="fashion-mnist"))
+
+    assert torch.equal(tr.x[:, 0], torch.from_numpy(train).float() / 255)
+    assert torch.equal(te.x[:, 0], torch.from_numpy(test).float() / 255)
+    assert tr.y.tolist() == [3, 1, 4, 1, 5] and te.y.tolist() == [9, 2, 6]
+
+
+def test_system_folder_is_searched_after_data_dir(
+    tmp_path: Path, no_system_dirs: dict[str, tuple[str, ...]]
+) -> None:
+    system = tmp_path / "usr-share" / "fashion-mnist"
+    sys_train, _ = fashion_files(system, seed=0)
+    no_system_dirs["fashion-mnist"] = (str(system),)
+
+    tr, _ = torchvision_data.load("fashion-mnist", cfg(tmp_path / "data", name="fashion-mnist"))
+    assert torch.equal(tr.x[:, 0], torch.from_numpy(sys_train).float() / 255)
+
+    own_train, _ = fashion_files(tmp_path / "data" / "fashion-mnist", seed=7)  # data_dir wins
+    tr, _ = torchvision_data.load("fashion-mnist", cfg(tmp_path / "data", name="fashion-mnist"))
+    assert torch.equal(tr.x[:, 0], torch.from_numpy(own_train).float() / 255)
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(
+    tmp_path: Path, no_system_dirs: dict[str, tuple[str, ...]]
+) -> None:
+    no_system_dirs["fashion-mnist"] = (str(tmp_path / "usr-share"),)
+    with pytest.raises(DataError) as err:
+        torchvision_data.load("fashion-mnist", cfg(tmp_path / "data", name="fashion-mnist"))
+    msg = str(err.value)
+    assert "\n" not in msg and err.value.__cause__ is None
+    assert str(tmp_path / "data" / "FashionMNIST" / "raw") in msg
+    assert f"also searched {tmp_path / 'data' / 'fashion-mnist'}, {tmp_path / 'usr-share'}" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "dataset.download: true" in msg
+
+
+def test_offline_download_is_one_line_with_the_apt_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(self: Any) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", offline)
+    with pytest.raises(DataError) as err:
+        torchvision_data.load("fashion-mnist", cfg(tmp_path, name="fashion-mnist", download=True))
+    msg = str(err.value)
+    assert "\n" not in msg and err.value.__cause__ is None
+    assert "download failed" in msg and "name resolution" in msg
+    assert str(tmp_path.resolve() / "FashionMNIST" / "raw") in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
+
+
+def test_download_goes_to_torchvisions_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train = known_images(N_TRAIN)
+    calls = []
+
+    def fake_download(self: Any) -> None:  # what torchvision leaves: the .gz files and their copies
+        calls.append(self.raw_folder)
+        write_idx_dataset(tmp_path, "fashion-mnist", train, train[:N_TEST], np.zeros(N_TRAIN),
+                          np.zeros(N_TEST))
+
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", fake_download)
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "_load_data", lambda self: (None, None))
+    tr, _ = torchvision_data.load("fashion-mnist", cfg(tmp_path, name="fashion-mnist", download=True))
+    assert calls == [str(tmp_path.resolve() / "FashionMNIST" / "raw")]
+    assert torch.equal(tr.x[:, 0], torch.from_numpy(train).float() / 255)
+
+
+def test_mnist_files_are_never_taken_for_fashion_mnist(tmp_path: Path) -> None:
+    # Both datasets name their files alike: only a folder named after the dataset counts.
+    write_idx_dataset(tmp_path, "mnist", known_images(2), known_images(1), np.zeros(2), np.zeros(1))
+    for f in (tmp_path / "MNIST" / "raw").iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())  # and flat in data_dir
+    assert len(torchvision_data.load("mnist", cfg(tmp_path))[0]) == 2
+    with pytest.raises(DataError, match="not found"):
+        torchvision_data.load("fashion-mnist", cfg(tmp_path, name="fashion-mnist"))
+
+
+@pytest.mark.parametrize("damage", ["cut-gzip", "not-gzip-inside", "plain-named-gz"])
+def test_damaged_gzip_is_dataerror_and_names_drive_nothing(tmp_path: Path, damage: str) -> None:
+    fashion_files(tmp_path / "fashion-mnist")
+    target = tmp_path / "fashion-mnist" / "train-images-idx3-ubyte.gz"
+    if damage == "cut-gzip":
+        target.write_bytes(target.read_bytes()[:-40])
+    elif damage == "not-gzip-inside":
+        target.write_bytes(b"\x1f\x8b" + b"\x00" * 64)
+    else:  # a plain idx file under a .gz name reads fine: the magic bytes decide, not the name
+        target.write_bytes(gzip.decompress(target.read_bytes()))
+        tr, _ = torchvision_data.load("fashion-mnist", cfg(tmp_path, name="fashion-mnist"))
+        assert tr.x.shape == (N_TRAIN, 1, 28, 28)
+        return
+    with pytest.raises(DataError) as err:
+        torchvision_data.load("fashion-mnist", cfg(tmp_path, name="fashion-mnist"))
+    msg = str(err.value)
+    assert "\n" not in msg and str(target) in msg and "corrupt gzip" in msg
+
+
+def test_read_idx_checks_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images, labels = tmp_path / "i", tmp_path / "l"
+    write_idx_images(images, known_images(2, 3, 4))
+    write_idx_labels(labels, np.array([7, 8]))
+    assert read_idx(images, 3).shape == (2, 3, 4) and read_idx(labels, 1).tolist() == [7, 8]
+    with pytest.raises(IdxError, match="not an unsigned-byte idx3"):
+        read_idx(labels, 3)  # a labels file where images belong
+    images.write_bytes(images.read_bytes() + b"\x00")
+    with pytest.raises(IdxError, match="2x3x4 = 24 values but 25 bytes"):
+        read_idx(images, 3)
+    monkeypatch.setattr(idx, "MAX_BYTES", 16)  # the bound that stops a gzip bomb
+    (tmp_path / "big.gz").write_bytes(gzip.compress(b"\x00" * 1000))
+    with pytest.raises(IdxError, match="over 16 bytes once decompressed"):
+        read_idx(tmp_path / "big.gz", 1)
 
 
 # --------------------------------------------------------------------------------------------
