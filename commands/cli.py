@@ -4,6 +4,7 @@
     fl-lab run experiments/default.yaml [--set attack.boost=auto ...] [--out runs/x]
     fl-lab run --check experiments/default.yaml [--set ...]   # every problem, nothing started
     fl-lab sweep experiments/sweeps/defenses.yaml
+    fl-lab reproduce experiments/papers/poisoning-guide.yaml --quick [--check]
     fl-lab invert RUN ; fl-lab verify RUN ; fl-lab unlearn RUN ; fl-lab report RUN
     fl-lab deploy up --nodes 3 --malicious 1 ; fl-lab deploy run EXP.yaml ; fl-lab deploy down
 
@@ -72,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from commands.launch import run_experiment
-    from commands.sweep import Setting, load_sweep, run_sweep, same_run
+    from commands.sweep import Setting, load_sweep, run_sweep
 
     path = Path(args.sweep)
     name, settings = load_sweep(path)
@@ -84,9 +85,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if key not in checked:
             checked.add(key)
             problems += [f"[{', '.join(label for _, label in s.labels)}] {p}" for p in rule_problems(s.cfg)]
-        run_dir = out / "runs" / s.slug
-        folder = run_dir_problem(run_dir)
-        if folder and not ((run_dir / "summary.json").exists() and same_run(run_dir, s.cfg)):  # reused as it is
+        folder = _run_dir_refusal(out / "runs" / s.slug, s.cfg)
+        if folder:
             problems.append(folder)
     if problems:
         raise ConfigError(problems)
@@ -101,6 +101,49 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     run_sweep(path, out, runner, start)
     say((out / "results.md").read_text())
     say(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'plots'}")
+    return 0
+
+
+def _run_dir_refusal(run_dir: Path, cfg: ExperimentConfig) -> str | None:
+    """Why a sweep or card may not use `run_dir`, or None; a finished run of the same experiment
+    there is reused as it is, whoever made the folder."""
+    from commands.sweep import same_run
+
+    problem = run_dir_problem(run_dir)
+    if problem and not ((run_dir / "summary.json").exists() and same_run(run_dir, cfg)):
+        return problem
+    return None
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """`fl-lab reproduce CARD`: a paper's table as real Flower runs (commands/cards.py, reproduce.py)."""
+    from commands.cards import load_card
+    from commands.launch import run_experiment
+    from commands.reproduce import planned_runs, reproduce
+
+    card = load_card(Path(args.card), quick=args.quick, seeds=args.seeds, only=args.cells)
+    default = Path("runs") / "reproduce" / (f"{card.name}-quick" if card.proxy else card.name)
+    out = Path(args.out) if args.out else default
+    runs = planned_runs(card, out)
+    problems = [p for run_dir, cfg in runs if (p := _run_dir_refusal(run_dir, cfg))]
+    if problems:
+        raise ConfigError(problems)
+    kind = "CPU proxy" if card.proxy else "paper setting"
+    if args.check:
+        say(f"ok: {args.card}: {card.name} ({kind}), {len(card.cells)} cells, {len(runs)} runs "
+            f"({len(card.seeds)} seeds) -> {out.resolve()}")
+        return 0
+    load_dataset(runs[0][1])
+
+    def start(i: int, total: int, run_dir: Path, reused: bool) -> None:
+        say(f"[{i + 1}/{total}] {run_dir.name}{' (finished: reused)' if reused else ''}")
+
+    def runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+        return run_experiment(cfg, run_dir, progress_printer(cfg, "  ") if args.verbose else None)
+
+    reproduce(card, out, runner, start)
+    say((out / "reproduction.md").read_text())
+    say(f"results ({kind}): {out / 'reproduction.json'}, {out / 'reproduction.md'}")
     return 0
 
 
@@ -220,6 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="sweep folder (default: <execution.output_dir>/sweeps/<name>)")
     sweep.add_argument("--verbose", action="store_true", help="a line per round of every run")
     sweep.set_defaults(func=cmd_sweep)
+    rep = sub.add_parser("reproduce", help="run a paper's reproduction card and compare with the published table")
+    rep.add_argument("card", help="reproduction card YAML (see experiments/papers/)")
+    rep.add_argument("--cells", nargs="+", metavar="ID", help="only these cells (ids, e.g. median:scaling)")
+    rep.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds (default: the card's)")
+    rep.add_argument("--out", help="folder (default: runs/reproduce/<card name>, or <card name>-quick)")
+    rep.add_argument("--quick", action="store_true",
+                     help="the card's CPU proxy (its `proxy` overrides, its own measured expectations)")
+    rep.add_argument("--check", action="store_true",
+                     help="check the card and every cell's experiment, start nothing: exit 0 or 2 with every problem")
+    rep.add_argument("--verbose", action="store_true", help="a line per round of every run")
+    rep.set_defaults(func=cmd_reproduce)
     _deploy_parser(sub)
     for name, (help_text, _) in EXTERNAL.items():
         sub.add_parser(name, help=help_text, add_help=False)

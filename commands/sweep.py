@@ -141,7 +141,7 @@ def run_sweep(
     rows = []
     done: dict[str, Path] = {}  # identical resolved configs (e.g. no-attack x poison ratio) run once
     for i, setting in enumerate(settings):
-        run_dir = done.setdefault(_identity(setting.cfg), out / "runs" / setting.slug)
+        run_dir = done.setdefault(run_identity(setting.cfg), out / "runs" / setting.slug)
         summary_path = run_dir / "summary.json"
         if on_start is not None:
             on_start(i, len(settings), setting)
@@ -176,10 +176,10 @@ def _training_identity(cfg: ExperimentConfig) -> str:
     cfg = dataclasses.replace(cfg, inversion=InversionConfig(), unlearning=UnlearningConfig())
     if not cfg.capture.enabled:
         cfg = dataclasses.replace(cfg, capture=CaptureConfig())
-    return _identity(cfg)
+    return run_identity(cfg)
 
 
-def _identity(cfg: ExperimentConfig) -> str:
+def run_identity(cfg: ExperimentConfig) -> str:
     """What makes two runs the same: without attackers, the attack's knobs (but the trigger) do nothing."""
     if cfg.attack.type == "none":
         cfg = dataclasses.replace(cfg, attack=AttackConfig(trigger=cfg.attack.trigger))

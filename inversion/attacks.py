@@ -39,6 +39,7 @@ def _analytic(preset: str, labels: str, num_images: int | None, progress: Progre
     if preset not in IG_PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {sorted(IG_PRESETS)}")
     rel_tol = overrides.pop("rel_tol", None)
+    overrides.pop("device", None)  # a closed form: it runs where the entry's tensors are
     ignored = sorted(k for k, v in overrides.items() if v is not None)
     if ignored:
         log.info("analytic attack: ignoring optimisation parameters %s", ignored)

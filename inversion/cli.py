@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int)
     p.add_argument("--tv", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="where to optimise (default: the run config's execution.device; auto = CUDA when present)")
     p.add_argument("--out", help="output folder (default: RUN_DIR/inversion)")
     p.add_argument("--jobs", type=int, default=1,
                    help="entries inverted at once, one process each (default 1; 0 = one per usable core)")

@@ -124,7 +124,7 @@ def invert_one(cfg: ExperimentConfig, args: argparse.Namespace, item: ManifestEn
                          preset=args.preset or cfg.inversion.preset, labels=labels, num_images=num_images,
                          progress=progress, iterations=args.iterations or cfg.inversion.iterations,
                          restarts=args.restarts or cfg.inversion.restarts, tv=args.tv or cfg.inversion.tv,
-                         seed=args.seed)
+                         seed=args.seed, device=getattr(args, "device", None) or cfg.execution.device)
     return write_outputs(cfg, item.id, entry, recon, evidence, tools.judge, out)
 
 

@@ -30,6 +30,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 
 from inversion.schedule import LocalSchedule, gradient_part
 from lab.capture import CapturedUpdate, check_fits
+from lab.models import device_of
 
 # (grad wrt z (R,B,C,H,W), gradient loss (R,), total objective (R,))
 ObjectiveFn = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
@@ -51,7 +52,8 @@ def input_stats(model: nn.Module) -> tuple[Tensor, Tensor]:
     mean, std = getattr(first, "mean", None), getattr(first, "std", None)
     if isinstance(mean, Tensor) and isinstance(std, Tensor):
         return mean.detach().float().reshape(1, -1, 1, 1), std.detach().float().reshape(1, -1, 1, 1)
-    return torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    device = device_of(model)
+    return torch.zeros(1, 1, 1, 1, device=device), torch.ones(1, 1, 1, 1, device=device)
 
 
 class UpdateMatcher:
@@ -146,14 +148,15 @@ class UpdateMatcher:
         return fn
 
 
-def model_at(entry: CapturedUpdate, model: nn.Module) -> nn.Module:
-    """A copy of `model` holding the entry's global weights and buffers, in eval mode, frozen.
+def model_at(entry: CapturedUpdate, model: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """A copy of `model` holding the entry's global weights and buffers, in eval mode, frozen,
+    on `device` (default: the model's).
 
     Raises:
         CaptureError: the entry's keys or shapes do not fit the model.
     """
     check_fits(entry, model)
-    net = copy.deepcopy(model)
+    net = copy.deepcopy(model) if device is None else copy.deepcopy(model).to(device)
     net.load_state_dict(entry.global_state, strict=True)
     net.eval()  # the paper's setting: BatchNorm (ResNet-18) uses the running statistics
     for p in net.parameters():

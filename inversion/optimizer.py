@@ -9,6 +9,10 @@ break privacy in federated learning?"). Signed Adam (lr 0.1) on the cosine + TV 
 All restarts advance in lockstep on one (R, B, C, H, W) tensor: Adam, sign and the box are
 elementwise, so this is the same as R independent runs, and it lets the R gradients come from one
 torch.func.vmap call where that pays (`worth_vectorizing`).
+
+On a GPU everything (model copy, entry, candidates, best iterates) lives on the device from the
+start; the loop reads nothing back except the progress callback's loss, every
+`progress_every(device)` iterations, and the result comes back to the CPU once at the end.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from inversion.objective import UpdateMatcher, model_at
 from inversion.types import Progress, Reconstruction
 from lab.capture import CapturedUpdate
 from lab.errors import ConfigError
+from lab.task import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,7 @@ class IGConfig:
     vectorize: Literal["auto", "on", "off"] = "auto"  # auto: see `worth_vectorizing`
     seed: int = 0
     image_shape: tuple[int, int, int] | None = None  # (C, H, W); None = the entry's
+    device: str = "auto"  # lab.task.pick_device: auto = CUDA when torch sees a GPU, else the CPU
 
     def __post_init__(self) -> None:
         problems = []
@@ -92,6 +98,13 @@ def milestones(iterations: int) -> list[int]:
     return [max(1, int(iterations * f)) for f in (3 / 8, 5 / 8, 7 / 8)]
 
 
+def progress_every(device: torch.device) -> int:
+    """Iterations between progress reports (and non-finite checks): reading the loss back from a
+    GPU waits for its queue to drain, which costs more than a small model's iteration; on the CPU
+    it is free, so every iteration reports."""
+    return 1 if device.type == "cpu" else 50
+
+
 def worth_vectorizing(num_images: int, steps: int, restarts: int, num_params: int) -> bool:
     """Whether vmap over restarts beats the autograd loop (bench/inversion.py, 1 thread, shared box).
 
@@ -130,9 +143,11 @@ class InvertingGradients:
         """
         cfg = self.config
         start = time.perf_counter()
-        net = model_at(target, model)
+        device = pick_device(cfg.device)
+        target = target.to(device)
+        net = model_at(target, model, device)
         n = count_images(target, self.num_images)
-        labels = LABEL_SOURCES[self.labels](target, net, n)
+        labels = LABEL_SOURCES[self.labels](target, net, n).to(device)
         shape = cfg.image_shape or target.image_shape
         if shape is None:
             raise ValueError("the image shape is unknown: the capture entry has no image_shape; "
@@ -142,46 +157,55 @@ class InvertingGradients:
             n, matcher.schedule.steps, cfg.restarts, int(matcher.target_flat.numel())))
         objective = matcher.vmap_fn() if vectorize else matcher.autograd_fn()
 
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)  # drawn on the CPU: the same start on every device
         lo = ((0.0 - matcher.mean) / matcher.std).unsqueeze(0)  # (1, 1, C, 1, 1) box in z space
         hi = ((1.0 - matcher.mean) / matcher.std).unsqueeze(0)
-        z = torch.randn((cfg.restarts, n, *shape), generator=gen)  # paper: randn in model space
+        z = torch.randn((cfg.restarts, n, *shape), generator=gen).to(device)  # paper: randn in model space
         z = torch.maximum(torch.minimum(z, hi), lo).requires_grad_(True)
         opt = torch.optim.Adam([z], lr=cfg.lr)
         sched = torch.optim.lr_scheduler.MultiStepLR(
             opt, milestones=milestones(cfg.iterations) if cfg.lr_decay else [], gamma=0.1)
 
-        best_loss = torch.full((cfg.restarts,), math.inf)
-        best_z = z.detach().clone()
+        best_loss = torch.full((cfg.restarts,), math.inf, device=device)  # (R,)
+        best_z = z.detach().clone()  # (R, B, C, H, W)
+        dead_at = torch.full((), -1, dtype=torch.int64, device=device)  # first all-non-finite iteration
+        every = progress_every(device)
         done, interrupted = 0, False
         try:
-            for _ in range(cfg.iterations):
+            for i in range(cfg.iterations):
                 gz, rec, _total = objective(z.detach())  # rec, total: (R,) at the current iterate
-                finite = torch.isfinite(rec) & torch.isfinite(gz).flatten(1).all(dim=1)
+                finite = torch.isfinite(rec) & torch.isfinite(gz).flatten(1).all(dim=1)  # (R,)
                 better = finite & (rec < best_loss)
                 best_loss = torch.where(better, rec, best_loss)
-                best_z[better] = z.detach()[better]
+                best_z = torch.where(better.view(-1, 1, 1, 1, 1), z.detach(), best_z)  # no sync, unlike best_z[better]
+                dead_at = torch.where((dead_at < 0) & ~finite.any(), i, dead_at)
                 done += 1
-                if not bool(finite.any()):
-                    log.warning("objective is not finite for every restart; stopping at %d", done)
-                    break
+                if done % every == 0 or done == cfg.iterations:
+                    # One read-back per report: past a dead iteration nothing improves best_z, so
+                    # stopping late returns the same images; `done` is set back to it.
+                    if int(dead_at) >= 0:
+                        done = int(dead_at) + 1
+                        log.warning("objective is not finite for every restart; stopping at %d", done)
+                        break
+                    if self.progress is not None:
+                        self.progress(done, float(best_loss.min()))
                 gz = torch.where(finite.view(-1, 1, 1, 1, 1), gz, torch.zeros_like(gz))
                 z.grad = gz.sign() if cfg.signed else gz
                 opt.step()
                 sched.step()
                 with torch.no_grad():
                     z.copy_(torch.maximum(torch.minimum(z, hi), lo))
-                if self.progress is not None:
-                    self.progress(done, float(best_loss.min()))
         except KeyboardInterrupt:
             interrupted = True
             log.warning("interrupted after %d iterations; returning the best iterate so far", done)
 
+        best_loss = best_loss.cpu()  # the one read-back of the results
         winner = int(best_loss.argmin())
-        images = (best_z[winner] * matcher.std + matcher.mean).clamp(0.0, 1.0)
+        images = (best_z[winner] * matcher.std + matcher.mean).clamp(0.0, 1.0).cpu()
+        labels = labels.cpu()
         seconds = time.perf_counter() - start
-        log.info("inverting-gradients: B=%d K=%d R=%d %s, %d iterations, loss %.4f, %.1f s",
-                 n, matcher.schedule.steps, cfg.restarts, "vmap" if vectorize else "autograd",
+        log.info("inverting-gradients: B=%d K=%d R=%d %s on %s, %d iterations, loss %.4f, %.1f s",
+                 n, matcher.schedule.steps, cfg.restarts, "vmap" if vectorize else "autograd", device,
                  done, float(best_loss[winner]), seconds)
         return Reconstruction(
             images=images.detach(), labels=labels, loss=float(best_loss[winner]), iterations=done,

@@ -23,7 +23,7 @@ import copy
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,15 @@ class CapturedUpdate:
             return int(hp.steps)
         per_epoch = -(-max(self.num_examples, 1) // max(hp.batch_size, 1))
         return int(hp.epochs * per_epoch)
+
+    def to(self, device: torch.device) -> CapturedUpdate:
+        """The same entry with its tensors on `device` (the entry itself when they already are)."""
+        tensors = [*self.global_state.values(), *self.update.values(), *([] if self.labels is None else [self.labels])]
+        if all(t.device == device for t in tensors):
+            return self
+        return replace(self, global_state={k: v.to(device) for k, v in self.global_state.items()},
+                       update={k: v.to(device) for k, v in self.update.items()},
+                       labels=None if self.labels is None else self.labels.to(device))
 
 
 def write_entry(path: Path, entry: CapturedUpdate) -> None:

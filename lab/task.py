@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lab.config import ExperimentConfig
 from lab.data import DataBundle, Split, load_data
+from lab.errors import ConfigError
 from lab.models import build_model, device_of
 
 BatchTransform = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
@@ -86,11 +87,25 @@ def set_threads(num_threads: int) -> None:
         torch.set_num_threads(num_threads)
 
 
-def pick_device(name: str) -> torch.device:
-    """`execution.device`: "auto" takes CUDA when present."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+def pick_device(requested: str) -> torch.device:
+    """The one place a device is chosen (`execution.device`, `--device`): "auto" is CUDA when
+    torch sees a GPU, else the CPU; "cpu", "cuda" and "cuda:N" are taken as they are.
+
+    Raises:
+        ConfigError: an unknown device name, or CUDA asked for where torch sees no GPU.
+    """
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {requested!r} asked for, but torch {torch.__version__} sees no CUDA GPU "
+                          "here; use auto or cpu")
+    return device
 
 
 def build_for(cfg: ExperimentConfig, data: DataBundle | None = None, seed: int | None = None) -> nn.Module:

@@ -34,6 +34,7 @@ UNLEARNING = "Unlearning"
 SWEEP = "Sweep results"
 CONFIG = "Resolved config"
 REPRO = "Reproducibility"
+PAPER = "Paper vs lab"
 REQUIRED = (HEADLINE, SETTINGS, ROUNDS, NORMS, DETECTION, RECON, UNLEARNING, CONFIG, REPRO)
 
 # A reconstruction shows "the trigger in place" when the true trigger box is this much brighter than
@@ -303,6 +304,18 @@ def repro_section(col: Collection) -> list[Block]:
                  f"report written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")]
 
 
+def paper_section(col: Collection) -> list[Block]:
+    """A `fl-lab reproduce` folder: reproduction.md's table (paper vs lab, verdicts)."""
+    md = col.folder / "reproduction.md"
+    table = _md_table(md.read_text()) if md.exists() else None
+    if table is None:
+        return [Para("reproduction.md not written yet (the card is unfinished).")]
+    proxy = json.loads((col.folder / "reproduction.json").read_text()).get("proxy")
+    note = (" Ran as the card's CPU proxy: the expectations checked are the proxy's own measured ones, "
+            "not the paper's." if proxy else "")
+    return [table, Para(f"From {md.name} (`fl-lab reproduce`).{note}")]
+
+
 def build(col: Collection, plots: Path) -> list[tuple[str, list[Block]]]:
     sections = [
         (HEADLINE, headline(col)),
@@ -313,7 +326,9 @@ def build(col: Collection, plots: Path) -> list[tuple[str, list[Block]]]:
         (RECON, _guarded(recon_section, col, plots)),
         (UNLEARNING, _guarded(unlearning_section, col, plots)),
     ]
-    if col.kind == "sweep":
+    if (col.folder / "reproduction.json").exists():
+        sections.append((PAPER, paper_section(col)))
+    elif col.kind == "sweep":
         sections.append((SWEEP, sweep_section(col)))
     sections += [(CONFIG, config_section(col)), (REPRO, repro_section(col))]
     return sections
@@ -333,6 +348,8 @@ def _guarded(fn: Any, col: Collection, plots: Path) -> list[Block]:
 def title_of(col: Collection) -> str:
     kinds = {"run": f"Run report: {col.folder.name}", "runs": f"Report: {col.folder.name}",
              "sweep": f"Sweep report: {col.folder.name}"}
+    if (col.folder / "reproduction.json").exists():
+        return f"Reproduction report: {col.folder.name}"
     return "FL Security Lab demo" if col.demo else kinds[col.kind]
 
 
