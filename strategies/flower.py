@@ -149,7 +149,8 @@ class RobustFedAvg(FedAvg):
     def _nodes_holding(self, partitions: list[int], grid: Grid, server_round: int) -> list[int]:
         """The connected nodes that hold `partitions`, in that order; nodes not heard from yet are
         asked first (`_roll_call`). A partition no connected node holds is left out, loudly."""
-        while len(connected := list(grid.get_node_ids())) < len(partitions):
+        deadline = time.monotonic() + self.roll_call_timeout  # a node that never comes must not hang the run
+        while len(connected := list(grid.get_node_ids())) < len(partitions) and time.monotonic() < deadline:
             log.info("round %d: waiting for nodes: %d connected, %d needed", server_round, len(connected),
                      len(partitions))
             time.sleep(1)

@@ -98,3 +98,25 @@ def test_total_divisor_uses_every_clients_weight(tmp_path: Path) -> None:
         share = sum(r["weights"].values())
         assert 0.25 < share < 0.55 and share == pytest.approx(r["agg.weight-share"], abs=1e-6)
     assert summary["settings"]["federated.fedavg_divisor"] == "total" and total > 0
+
+
+def test_a_sampled_round_does_not_wait_forever_for_nodes_that_never_come() -> None:
+    import torch
+
+    from lab.records import ParamLayout
+    from strategies.flower import RobustFedAvg
+    from strategies.registry import build_aggregator
+    from strategies.types import AggregatorContext
+
+    class TwoNodes:  # a Grid that only ever has two nodes connected, none of them known yet
+        def get_node_ids(self) -> list[int]:
+            return [11, 12]
+
+        def send_and_receive(self, messages: object, *, timeout: float | None = None) -> list[object]:
+            return []  # nobody answers the roll call
+
+    layout = ParamLayout.of({"w": torch.zeros(3)})
+    ctx = AggregatorContext(layout=layout, clients_per_round=3, seed=0)
+    strategy = RobustFedAvg(build_aggregator("fedavg", {}, ctx), layout, clients_per_round=3, num_clients=5,
+                            train_config={}, roll_call_timeout=0.5)
+    assert strategy._nodes_holding([0, 1, 2], TwoNodes(), 1) == []  # returns: the round goes on without them
