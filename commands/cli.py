@@ -34,6 +34,7 @@ from lab.runfolder import RUN_MARKER
 
 log = logging.getLogger(__name__)
 
+
 def cmd_run(args: argparse.Namespace) -> int:
     from commands.launch import claim_run_dir, expand_ratios, run_experiment
 
@@ -72,7 +73,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from commands.launch import run_experiment
     from commands.sweep import Setting, load_sweep, run_sweep
 
     path = Path(args.sweep)
@@ -95,13 +95,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     def start(i: int, total: int, setting: Setting) -> None:
         say(f"[{i + 1}/{total}] {setting.slug}")
 
-    def runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-        return run_experiment(cfg, run_dir, progress_printer(cfg, "  ") if args.verbose else None)
-
-    run_sweep(path, out, runner, start)
+    run_sweep(path, out, _simulations(args.verbose), start)
     say((out / "results.md").read_text())
     say(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'plots'}")
     return 0
+
+
+def _simulations(verbose: bool) -> Callable[[ExperimentConfig, Path], dict[str, Any]]:
+    """The runner of a sweep or a card: one `fl-lab run` simulation per experiment, with a line per
+    round when `verbose`."""
+    from commands.launch import run_experiment
+
+    def runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+        return run_experiment(cfg, run_dir, progress_printer(cfg, "  ") if verbose else None)
+
+    return runner
 
 
 def _run_dir_refusal(run_dir: Path, cfg: ExperimentConfig) -> str | None:
@@ -118,7 +126,6 @@ def _run_dir_refusal(run_dir: Path, cfg: ExperimentConfig) -> str | None:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """`fl-lab reproduce CARD`: a paper's table as real Flower runs (commands/cards.py, reproduce.py)."""
     from commands.cards import load_card
-    from commands.launch import run_experiment
     from commands.reproduce import planned_runs, reproduce
 
     card = load_card(Path(args.card), quick=args.quick, seeds=args.seeds, only=args.cells)
@@ -138,10 +145,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     def start(i: int, total: int, run_dir: Path, reused: bool) -> None:
         say(f"[{i + 1}/{total}] {run_dir.name}{' (finished: reused)' if reused else ''}")
 
-    def runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-        return run_experiment(cfg, run_dir, progress_printer(cfg, "  ") if args.verbose else None)
-
-    reproduce(card, out, runner, start)
+    reproduce(card, out, _simulations(args.verbose), start)
     say((out / "reproduction.md").read_text())
     say(f"results ({kind}): {out / 'reproduction.json'}, {out / 'reproduction.md'}")
     return 0

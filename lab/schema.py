@@ -205,3 +205,25 @@ class ExperimentConfig:
     @property
     def seed(self) -> int:
         return self.training.seed
+
+    def settings(self) -> dict[str, object]:
+        """The federation settings papers differ in, under their config key paths (summary.json `settings`)."""
+        f, t = self.federated, self.training
+        out: dict[str, object] = {"dataset.name": self.dataset.name, "training.model": t.model,
+                                  "federated.num_clients": f.num_clients, "federated.partitioning": f.partitioning}
+        if f.partitioning == "bias":
+            out["federated.bias_h"] = f.bias_h
+        elif f.partitioning == "dirichlet":
+            out["federated.dirichlet_alpha"] = f.dirichlet_alpha
+        out.update({
+            "federated.clients_per_round": f.round_size,
+            "federated.attackers_per_round": f.attackers_per_round,
+            "federated.fedavg_divisor": f.fedavg_divisor,
+            "federated.server_lr": f.server_lr,
+            "training.local_steps": t.local_steps,
+            "training.local_epochs": None if t.local_steps is not None else t.local_epochs,
+            "training.batch_size": t.batch_size,
+            "training.lr": t.lr,
+            "training.eval_every": t.eval_every,
+        })
+        return out

@@ -8,7 +8,9 @@ from collections import Counter
 from typing import Any
 
 from commands.report.blocks import Block, Para, Table
-from commands.report.collection import Collection, Run, flat_config
+from commands.report.collection import Collection, Run
+from lab.config import load_experiment
+from lab.errors import ConfigError
 
 # summary.json's `settings` (server/recorder.py), in this order; the partitioning's own parameter
 # (bias_h or dirichlet_alpha) only where that partitioning is used.
@@ -22,21 +24,14 @@ SETTING_COLUMNS = 6  # runs side by side; more (a sweep) get one column of the v
 
 def settings_of(run: Run) -> tuple[dict[str, Any], bool]:
     """The run's federation settings, and whether summary.json recorded them (else derived from
-    config.yaml as the recorder would, for runs made before summary.json had `settings`)."""
+    config.yaml, for runs made before summary.json had `settings`)."""
     recorded = run.summary.get("settings")
     if isinstance(recorded, dict):
         return recorded, True
-    flat = flat_config(run.config)
-    scheme = flat.get("federated.partitioning")
-    skip = {"federated.bias_h"} if scheme != "bias" else set()
-    skip |= {"federated.dirichlet_alpha"} if scheme != "dirichlet" else set()
-    out = {k: flat[k] for k in SETTING_KEYS if k in flat and k not in skip}
-    if out.get("federated.clients_per_round") is None and "federated.num_clients" in flat:
-        share = float(flat.get("federated.fraction") or 1.0)  # FederatedConfig.round_size
-        out["federated.clients_per_round"] = max(1, round(share * int(flat["federated.num_clients"])))
-    if out.get("training.local_steps") is not None:
-        out["training.local_epochs"] = None  # local_steps overrides local_epochs
-    return out, False
+    try:
+        return load_experiment(run.config).settings(), False
+    except ConfigError:  # a config.yaml this version no longer reads: nothing to show
+        return {}, False
 
 
 def settings_section(col: Collection) -> list[Block]:

@@ -1,6 +1,6 @@
 """The federation settings papers differ in: per-round client sampling (`strategies.sampling`),
 FedAvg's divisor (`strategies.mean`), their validation with key paths, the evaluation cadence and
-the `settings` that summary.json records (`server.recorder`)."""
+the `settings` that summary.json records (`ExperimentConfig.settings`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lab.config import load_experiment
+from lab.config import ExperimentConfig, load_experiment
 from lab.errors import ConfigError
 from lab.records import ParamLayout
-from server.recorder import evaluates, settings
+from server.recorder import evaluates
 from strategies.mean import weighted_mean, weighted_sum_over_total
 from strategies.registry import build_aggregator
 from strategies.sampling import RoundSampler
@@ -156,15 +156,15 @@ def test_eval_cadence_always_has_round_zero_and_the_last() -> None:
 
 def test_settings_name_the_partitioning_parameter_in_use() -> None:
     base = load_experiment(ROOT / "experiments/smoke.yaml")
-    s = settings(base)
+    s = ExperimentConfig.settings(base)
     assert s["federated.partitioning"] == "iid" and "federated.bias_h" not in s and "federated.dirichlet_alpha" not in s
     assert s["federated.clients_per_round"] == 4 and s["federated.attackers_per_round"] is None
     assert s["federated.fedavg_divisor"] == "sampled" and s["federated.server_lr"] == 1.0
     assert s["training.local_epochs"] == 1 and s["training.local_steps"] is None
     assert s["training.eval_every"] == 1 and s["training.model"] == "cnn" and s["dataset.name"] == "digits"
-    biased = settings(load_experiment(ROOT / "experiments/smoke.yaml", [
+    biased = ExperimentConfig.settings(load_experiment(ROOT / "experiments/smoke.yaml", [
         "federated.num_clients=10", "federated.partitioning=bias", "federated.bias_h=0.7", "training.local_steps=1"]))
     assert biased["federated.bias_h"] == 0.7 and "federated.dirichlet_alpha" not in biased
     assert biased["training.local_steps"] == 1 and biased["training.local_epochs"] is None
-    alpha = settings(load_experiment(ROOT / "experiments/smoke.yaml", ["federated.partitioning=dirichlet"]))
+    alpha = ExperimentConfig.settings(load_experiment(ROOT / "experiments/smoke.yaml", ["federated.partitioning=dirichlet"]))
     assert alpha["federated.dirichlet_alpha"] == 0.5
