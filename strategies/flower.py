@@ -193,7 +193,7 @@ class RobustFedAvg(FedAvg):
         decisions = RoundDecisions(server_round)
         start = time.perf_counter()
         global_flat = self.layout.flatten(self._global)
-        updates, examples, losses = self._accept(replies, decisions, global_flat)
+        updates, examples, losses, norms = self._accept(replies, decisions, global_flat)
         if updates.shape[0] == 0:
             # Keeping the previous model is the only sound choice; say so loudly.
             log.warning("round %d: no valid client reply; global model unchanged", server_round)
@@ -202,7 +202,7 @@ class RobustFedAvg(FedAvg):
             return None, MetricRecord({"num-valid": 0})
         if self.collude is not None:  # simulation harness (attack.knowledge: full), before the rule
             updates = self.collude(updates, tuple(decisions.partitions), server_round)
-        norms = updates.norm(dim=1)
+            norms = [float(v) for v in updates.norm(dim=1)]  # of the rows the rule sees
         info = RoundInfo(
             server_round=server_round,
             client_ids=tuple(decisions.partitions),
@@ -219,7 +219,7 @@ class RobustFedAvg(FedAvg):
             decisions.skipped = str(exc)
             self._emit(decisions)
             return None, MetricRecord({"num-valid": len(examples)})
-        decisions.norms = {p: float(v) for p, v in zip(decisions.partitions, norms)}
+        decisions.norms = dict(zip(decisions.partitions, norms))
         decisions.train_loss = float(sum(losses) / len(losses)) if losses else None
         new_flat = global_flat.add_(agg.update, alpha=self.server_lr)
         if not bool(torch.isfinite(new_flat).all()):
@@ -240,9 +240,10 @@ class RobustFedAvg(FedAvg):
 
     def _accept(
         self, replies: Iterable[Message], decisions: RoundDecisions, global_flat: Tensor
-    ) -> tuple[Tensor, list[float], list[float]]:
+    ) -> tuple[Tensor, list[float], list[float], list[float]]:
         """The (n_valid, n_params) update matrix, rows in partition order, with each row's
-        num-examples and training loss; invalid replies go to `decisions.failures` with a reason.
+        num-examples, the training losses reported and each row's norm; invalid replies go to
+        `decisions.failures` with a reason.
 
         A row's partition is the one its node holds (`IdentityBook`: the node id is the
         authenticated sender; the partition-id in the metrics only a claim). Each reply is decoded
@@ -271,6 +272,7 @@ class RobustFedAvg(FedAvg):
         rows = torch.empty((len(candidates), self.layout.num_params))
         examples: list[float] = []
         losses: list[float] = []
+        norms: list[float] = []  # of each accepted update, from the overflow check (one pass, not two)
         for partition, node, msg in candidates:
             row = rows[len(examples)]
             try:
@@ -286,12 +288,14 @@ class RobustFedAvg(FedAvg):
                 if not bool(torch.isfinite(row).all()):
                     raise ReplyError("non-finite values in the weights")
                 row.sub_(global_flat)
-                if not math.isfinite(float(row.norm())):
+                norm = float(row.norm())
+                if not math.isfinite(norm):
                     raise ReplyError("update too large: its norm overflows float32")
             except (LabError, KeyError, TypeError, ValueError) as exc:
                 failures.append({"node_id": node, "partition": partition, "reason": shorten(str(exc))})
                 continue
             examples.append(n)
+            norms.append(norm)
             if loss is not None:
                 losses.append(loss)
             decisions.partitions.append(partition)
@@ -299,7 +303,7 @@ class RobustFedAvg(FedAvg):
         failures.sort(key=lambda f: int(f["node_id"]))  # type: ignore[call-overload]  # not arrival order
         for f in failures:
             log.warning("round %d: dropped reply from node %s: %s", decisions.server_round, f["node_id"], f["reason"])
-        return rows[: len(examples)], examples, losses
+        return rows[: len(examples)], examples, losses, norms
 
     def _reference(self, global_flat: Tensor, server_round: int) -> Callable[[], Tensor] | None:
         fn = self.reference_update
