@@ -111,3 +111,36 @@ def test_verdicts_and_metrics() -> None:
          "expect": None, "source": None, "ours": {"mean": 0.3, "sd": None, "values": [0.3]}, "rounds": 2,
          "verdict": "lab-only"}]})
     assert "CPU PROXY" in md and "| a:b | error | 0.2 ± 0.05 | T1 | - | - | 0.300 | 2 | lab-only (proxy) |" in md
+
+
+PAPERS = sorted((ROOT / "experiments/papers").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPERS, ids=lambda p: p.stem)
+def test_every_published_card_loads_in_both_modes_and_names_its_sources(path: Path) -> None:
+    full, quick = load_card(path), load_card(path, quick=True)
+    assert [c.id for c in full.cells] == [c.id for c in quick.cells]
+    for cell in full.cells:
+        assert cell.source and cell.source.strip()
+    for cell in quick.cells:  # a proxy expectation is always the lab's own measurement
+        assert cell.expect is None or (cell.source or "").startswith("lab")
+
+
+def test_the_rfout_card_tests_the_rule_on_both_sides_of_samuelsons_limit() -> None:
+    card = load_card(ROOT / "experiments/papers/rfout-1d.yaml", quick=True)
+    for cell in card.cells:
+        cfg = cell.cfgs[0]
+        n, k = cfg.federated.round_size, round(cfg.attack.ratios[0] * cfg.federated.num_clients)
+        if cell.id.endswith("@n=10"):
+            assert n - 1 <= 9  # max |z| = sqrt(n - 1) <= 3: nothing can be replaced
+        elif cell.rule == "rfout-1d":
+            assert n >= 20 and k < n / 10
+
+
+def test_the_model_replacement_card_reads_the_attack_round_and_later() -> None:
+    card = load_card(ROOT / "experiments/papers/model-replacement.yaml")
+    attack = {c.id: c.cfgs[0] for c in card.cells}["fedavg:replacement@round=20"].attack
+    assert attack.start_round == attack.end_round == 20 and attack.boost == "auto"
+    rounds = {c.cfgs[0].training.rounds for c in card.cells}
+    assert {19, 20, 21, 40} <= rounds
+    assert all(c.cfgs[0].federated.attackers_per_round == 1 for c in card.cells)
