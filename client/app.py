@@ -12,16 +12,34 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+    UserConfig,
+)
 from flwr.clientapp import ClientApp
 
 from client.attacks import AttackSpec, UpdateContext, attacks_this_round, build_attack
 from lab import log as lablog
 from lab.capture import evidence_path, write_evidence
+from lab.cohort import COHORT_KEY, arrays_key, metrics_key
 from lab.config import ExperimentConfig, from_run_config
-from lab.data import load_data, malicious_partitions, partition_indices
+from lab.data import DataBundle, load_data, malicious_partitions, partition_indices
 from lab.records import ParamLayout
-from lab.task import LocalHyperparams, build_for, generator, load_state, set_threads, state_of, train_local
+from lab.task import (
+    LocalHyperparams,
+    build_for,
+    derive_seed,
+    generator,
+    load_state,
+    set_threads,
+    state_of,
+    train_local,
+)
 from lab.triggers import make_trigger
 
 log = logging.getLogger(__name__)
@@ -68,41 +86,62 @@ def train(msg: Message, context: Context) -> Message:
     if "data-dir" in context.node_config:  # deployment: the node's own copy of the dataset
         cfg = replace(cfg, dataset=replace(cfg.dataset, data_dir=str(context.node_config["data-dir"])))
     set_threads(cfg.execution.num_threads)
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
+    node_config = dict(context.node_config)
     config = msg.content["config"]
-    server_round = int(config["server-round"])
-    hp = LocalHyperparams.from_config(config)
-
-    data = load_data(cfg.dataset, cfg.seed)
-    local = data.train.subset(partition_indices(data.train.y, partition_id, num_partitions, cfg.federated, cfg.seed))
-    model = build_for(cfg, data)
     global_state = msg.content["arrays"].to_torch_state_dict()
-    load_state(model, global_state)
+    data = load_data(cfg.dataset, cfg.seed)
+    model = build_for(cfg, data)
+    cohort = config.get(COHORT_KEY)
+    if cohort is None:  # Flower's way: this node's own partition
+        partition_id = int(context.node_config["partition-id"])
+        arrays, metrics = _train_partition(cfg, data, model, global_state, config, context.run_config, node_config,
+                                           partition_id, int(context.node_config["num-partitions"]))
+        return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    if set(node_config) != SIMULATED_NODE_CONFIG:
+        # A deployed node holds one partition, its operator's: it trains nothing it was not given.
+        raise ValueError("a cohort order (several partitions in one message) is for simulation nodes only")
+    content = RecordDict()
+    for partition_id in cohort:  # type: ignore[union-attr]
+        p = int(partition_id)
+        arrays, metrics = _train_partition(cfg, data, model, global_state, config, context.run_config, node_config,
+                                           p, cfg.federated.num_clients)
+        content[arrays_key(p)] = arrays
+        content[metrics_key(p)] = metrics
+    return Message(content=content, reply_to=msg)
 
+
+def _train_partition(cfg: ExperimentConfig, data: DataBundle, model: torch.nn.Module,
+                     global_state: dict[str, torch.Tensor], config: ConfigRecord, run_config: UserConfig,
+                     node_config: dict[str, object], partition_id: int,
+                     num_partitions: int) -> tuple[ArrayRecord, MetricRecord]:
+    """One client's round, the same whether it has a message to itself or shares a cohort's."""
+    server_round = int(config["server-round"])  # type: ignore[arg-type]
+    hp = LocalHyperparams.from_config(config)
+    local = data.train.subset(partition_indices(data.train.y, partition_id, num_partitions, cfg.federated, cfg.seed))
+    load_state(model, global_state)
     attack = None
-    if is_malicious(cfg, dict(context.node_config), partition_id) and attacks_this_round(cfg, partition_id, server_round):
+    if is_malicious(cfg, node_config, partition_id) and attacks_this_round(cfg, partition_id, server_round):
         trigger = make_trigger(cfg.attack.trigger, *data.image_shape[1:])
         attack = build_attack(AttackSpec(cfg.attack, trigger, cfg.dataset.target_class, cfg.dataset.source_class,
                                          data.num_classes, local))
     gen = generator(cfg.seed, server_round, partition_id, "train")
+    # Dropout draws from torch's global generator: seed it per client and round, so a client's update
+    # does not depend on which clients its worker process trained before.
+    torch.manual_seed(derive_seed(cfg.seed, server_round, partition_id, "dropout"))
     probe = bool(config.get("fixed-batch", False))
     stats = train_local(model, local, hp, gen, poison=attack.poison_batch if attack else None, fixed_batch=probe)
     if probe and stats.batch is not None and cfg.capture.evidence:
-        _leave_evidence(context.run_config, dict(context.node_config), server_round, partition_id, *stats.batch)
+        _leave_evidence(dict(run_config), node_config, server_round, partition_id, *stats.batch)
     state = state_of(model)
     if attack is not None and attack.transforms_update:
         layout = ParamLayout.of(global_state)
         delta = layout.flatten(state) - layout.flatten(global_state)
-        ctx = UpdateContext(server_round, int(config.get("round-size", 1)), float(config.get("server-lr", 1.0)))
+        ctx = UpdateContext(server_round, int(config.get("round-size", 1)),  # type: ignore[arg-type]
+                            float(config.get("server-lr", 1.0)))  # type: ignore[arg-type]
         delta = attack.transform_update(delta, ctx, gen)
         state = layout.unflatten(layout.flatten(global_state) + delta, global_state)
-    content = RecordDict({
-        "arrays": ArrayRecord(state),
-        "metrics": MetricRecord({"num-examples": stats.examples, "train-loss": stats.loss,
-                                 "partition-id": partition_id}),
-    })
-    return Message(content=content, reply_to=msg)
+    metrics = MetricRecord({"num-examples": stats.examples, "train-loss": stats.loss, "partition-id": partition_id})
+    return ArrayRecord(state), metrics
 
 
 @app.query()

@@ -127,6 +127,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     """`fl-lab reproduce CARD`: a paper's table as real Flower runs (commands/cards.py, reproduce.py)."""
     from commands.cards import load_card
     from commands.reproduce import planned_runs, reproduce
+    from commands.sweep import shared_simulation
 
     card = load_card(Path(args.card), quick=args.quick, seeds=args.seeds, only=args.cells)
     default = Path("runs") / "reproduce" / (f"{card.name}-quick" if card.proxy else card.name)
@@ -145,7 +146,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     def start(i: int, total: int, run_dir: Path, reused: bool) -> None:
         say(f"[{i + 1}/{total}] {run_dir.name}{' (finished: reused)' if reused else ''}")
 
-    reproduce(card, out, _simulations(args.verbose), start)
+    with shared_simulation(out):  # one SuperLink and one Ray head for all the card's runs
+        reproduce(card, out, _simulations(args.verbose), start)
     say((out / "reproduction.md").read_text())
     say(f"results ({kind}): {out / 'reproduction.json'}, {out / 'reproduction.md'}")
     return 0

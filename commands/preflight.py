@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lab.config import ExperimentConfig, review_experiment
 from lab.errors import ConfigError
 from lab.runfolder import RUN_MARKER
+
+if TYPE_CHECKING:
+    from lab.records import ParamLayout
 
 # What a rule's build-time check reads. When one of these could not be read, or is impossible,
 # the check would judge a stand-in (a default, a guess), not what the user wrote: it waits.
@@ -35,7 +38,9 @@ def check_experiment(source: str | Path | Mapping[str, Any], overrides: Sequence
     if review.cfg is not None and not review.touches(RULE_INPUTS):
         problems += rule_problems(review.cfg)
     elif review.cfg is not None and not review.touches(["federated.aggregator.name"]):
-        from strategies.registry import unknown_rule  # the name, at least, is what the user wrote
+        from strategies.registry import (
+            unknown_rule,  # the name, at least, is what the user wrote
+        )
 
         problems += [p for p in [unknown_rule(review.cfg.federated.aggregator.name)] if p]
     if problems or review.cfg is None:
@@ -48,21 +53,35 @@ def rule_problems(cfg: ExperimentConfig) -> list[str]:
 
     The model is built on torch's meta device: its layout (what FLAME reads) without memory or data.
     """
+    from strategies import (  # brings torch, which `fl-lab --help` does not need
+        registry,
+        types,
+    )
+
+    layout = model_layout(cfg)
+    ctx = types.AggregatorContext(layout=layout, clients_per_round=cfg.federated.round_size, seed=cfg.seed)
+    return registry.check_config(cfg, ctx)
+
+
+def model_layout(cfg: ExperimentConfig) -> ParamLayout:
+    """The layout of the model the experiment trains, built on torch's meta device (no memory, no data)."""
     # Imported here, not at the top: they bring torch, which `fl-lab --help` does not need.
     import torch
 
     from lab.models import build_model
     from lab.records import ParamLayout
     from lab.validation import NUM_CLASSES, image_shape
-    from strategies import registry, types
 
     shape = image_shape(cfg.dataset)
     with torch.device("meta"):
         model = build_model(cfg.training.model, shape, NUM_CLASSES[cfg.dataset.name], (0.0,) * shape[0],
                             (1.0,) * shape[0])
-    layout = ParamLayout.of(model.state_dict())
-    ctx = types.AggregatorContext(layout=layout, clients_per_round=cfg.federated.round_size, seed=cfg.seed)
-    return registry.check_config(cfg, ctx)
+    return ParamLayout.of(model.state_dict())
+
+
+def model_bytes(cfg: ExperimentConfig) -> int:
+    """Bytes of the model's named tensors: what one client's reply carries."""
+    return sum(e.numel * e.dtype.itemsize for e in model_layout(cfg).entries)
 
 
 def preflight(cfg: ExperimentConfig) -> None:

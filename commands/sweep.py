@@ -16,25 +16,38 @@ section, and its optional `label` names it in the tables:
 Writes `results.csv`, `results.md` (one row per setting: clean accuracy, ASR, ASR floor, detection
 F1, seconds per round, averaged over seeds with their spread) and `plots/*.png`. Finished runs are
 kept: re-running the sweep skips every run folder that already has its summary.json and was run
-with the same training config (`same_run`).
+with the same training config (`same_run`). The simulations share one SuperLink and one Ray head
+(`shared_simulation`, FLWR_HOME and logs in the sweep folder) instead of starting both per run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import itertools
 import json
 import logging
+import shutil
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from commands.launch import (
+    SHARED_SUPERLINK,
+    simulation_env,
+    simulation_superlink,
+    stop_process,
+)
 from lab.artifacts import atomic_write_text, read_jsonl
 from lab.config import (
     AttackConfig,
@@ -47,7 +60,7 @@ from lab.config import (
     read_yaml,
     to_dict,
 )
-from lab.errors import ConfigError
+from lab.errors import ConfigError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +153,120 @@ def run_sweep(
     name, settings = load_sweep(path)
     rows = []
     done: dict[str, Path] = {}  # identical resolved configs (e.g. no-attack x poison ratio) run once
-    for i, setting in enumerate(settings):
-        run_dir = done.setdefault(run_identity(setting.cfg), out / "runs" / setting.slug)
-        summary_path = run_dir / "summary.json"
-        if on_start is not None:
-            on_start(i, len(settings), setting)
-        if not summary_path.exists() or not same_run(run_dir, setting.cfg):
-            runner(setting.cfg, run_dir)
-        summary = json.loads(summary_path.read_text())
-        rows.append(result_row(setting, summary, read_jsonl(run_dir / "metrics.jsonl"), run_dir))
+    # One SuperLink and one Ray head serve every simulation of the sweep (bench/warm_start.py).
+    with shared_simulation(out):
+        for i, setting in enumerate(settings):
+            run_dir = done.setdefault(run_identity(setting.cfg), out / "runs" / setting.slug)
+            summary_path = run_dir / "summary.json"
+            if on_start is not None:
+                on_start(i, len(settings), setting)
+            if not summary_path.exists() or not same_run(run_dir, setting.cfg):
+                runner(setting.cfg, run_dir)
+            summary = json.loads(summary_path.read_text())
+            rows.append(result_row(setting, summary, read_jsonl(run_dir / "metrics.jsonl"), run_dir))
     fill_floors(rows)
     write_results(out, name, rows)
     return rows
+
+
+# A Ray head that stays up for the runs of a sweep: `ray.init` as Flower calls it, in the same
+# loopback-only, token-authenticated environment (`simulation_env`); then it waits for SIGTERM, on
+# which Ray's exit handler stops the processes it started.
+_RAY_HEAD = """
+import os, signal, sys, ray
+ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False, _temp_dir=sys.argv[1])
+with open(sys.argv[2] + ".tmp", "w") as f:
+    f.write(ray.get_runtime_context().gcs_address)
+os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+while True:
+    signal.pause()
+"""
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], log_path: Path, timeout: float = 120) -> Iterator[str]:
+    """A local Ray cluster for many runs, started with `env` (a `simulation_env`): it binds to
+    loopback and admits only clients holding that environment's token, like the cluster Flower's
+    own `ray.init` starts. Yields its GCS address (for RAY_ADDRESS). Its temporary folder (sockets,
+    Ray's logs) is private and removed afterwards.
+
+    Raises:
+        RunError: the head exited or did not come up within `timeout` seconds.
+    """
+    temp_dir = Path(tempfile.mkdtemp(prefix="fl-lab-ray-"))
+    address_file = temp_dir / "address"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-c", _RAY_HEAD, str(temp_dir), str(address_file)],
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not address_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RunError(f"the Ray head did not start (within {timeout:.0f} s); see {log_path}")
+            time.sleep(0.2)
+        yield address_file.read_text().strip()
+    finally:
+        stop_process(proc, grace=20)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class SharedSimulation:
+    """One simulation SuperLink and one Ray head for all the runs of a sweep (bench/warm_start.py:
+    a run then skips the SuperLink's start and stop and Ray's start and shutdown).
+
+    Started when the first run asks (`open`), so a sweep whose runs are all reused starts nothing;
+    stopped by `close`, with every process that carries its FLWR_HOME. The runs stay apart: each is
+    its own Flower run, with its own `flwr-simulation` process (the ServerApp) and its own Ray job,
+    whose ClientApp actors are new processes that Ray ends when the job's driver exits. If the
+    SuperLink or the head dies, the runs after fail, as any failed run stops a sweep. Ray takes no
+    `num_cpus`/`num_gpus` from a client joining a running cluster: a federation config with
+    `init-args-num-cpus`/`-gpus` would fail here (`run_experiment` sets neither).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.flwr_home = root.resolve() / ".flwr"
+        self.logs = root.resolve() / "logs"
+        self._stack: contextlib.ExitStack | None = None
+
+    def open(self) -> Path:
+        """FLWR_HOME of the shared SuperLink (its config.toml names it), started with the Ray head on
+        first use."""
+        if self._stack is None:
+            with contextlib.ExitStack() as stack, using(None):  # these two are no run's own
+                env = simulation_env(self.flwr_home)
+                address = stack.enter_context(ray_head(env, self.logs / "ray-head.log"))
+                stack.enter_context(simulation_superlink(self.flwr_home, self.logs / "superlink.log",
+                                                         {**env, "RAY_ADDRESS": address}))
+                self._stack = stack.pop_all()
+        return self.flwr_home
+
+    def close(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+
+@contextlib.contextmanager
+def using(shared: SharedSimulation | None) -> Iterator[None]:
+    """`commands.launch.run_experiment` runs on `shared` within the block (None: a SuperLink per run)."""
+    token = SHARED_SUPERLINK.set(shared.open if shared is not None else None)
+    try:
+        yield
+    finally:
+        SHARED_SUPERLINK.reset(token)
+
+
+@contextlib.contextmanager
+def shared_simulation(root: Path) -> Iterator[SharedSimulation]:
+    """A `SharedSimulation` (FLWR_HOME `root`/.flwr, logs in `root`/logs) for the runs of the block."""
+    shared = SharedSimulation(root)
+    try:
+        with using(shared):
+            yield shared
+    finally:
+        shared.close()
 
 
 def same_run(run_dir: Path, cfg: ExperimentConfig) -> bool:

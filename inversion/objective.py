@@ -79,6 +79,17 @@ class UpdateMatcher:
         self.target_flat = torch.cat([self.target[k].reshape(-1) for k in self.params0])  # (n_params,)
         self.target_norm = torch.linalg.vector_norm(self.target_flat)
 
+    def laid_out(self, channels_last: bool) -> UpdateMatcher:
+        """This matcher with its conv weights channels-last when asked (`lab.fastpath`'s layout:
+        faster double backward for some nets and batch sizes, the same objective up to float
+        rounding); the target and everything else are shared, not copied."""
+        if not channels_last:
+            return self
+        other = copy.copy(self)
+        other.params0 = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                         for k, v in self.params0.items()}
+        return other
+
     # -- the candidate's gradient / update, functional in the parameters ---------------------------
     def _task_loss(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         logits = functional_call(self.model, (params, self.buffers), (x,))

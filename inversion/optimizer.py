@@ -21,20 +21,25 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from inversion.labels import LABEL_SOURCES, count_images
-from inversion.objective import UpdateMatcher, model_at
+from inversion.objective import ObjectiveFn, UpdateMatcher, model_at
 from inversion.types import Progress, Reconstruction
 from lab.capture import CapturedUpdate
 from lab.errors import ConfigError
+from lab.fastpath import probed_plan
+from lab.kernels import DEFAULT, Plan, candidates, scoped
 from lab.task import pick_device
 
 log = logging.getLogger(__name__)
+
+PROBE_MIN_ITERATIONS = 200  # shorter runs skip the kernel probe (see `objective_plan`)
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,8 @@ def progress_every(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 50
 
 
-def worth_vectorizing(num_images: int, steps: int, restarts: int, num_params: int) -> bool:
+def worth_vectorizing(num_images: int, steps: int, restarts: int, num_params: int,
+                      device: torch.device | str = "cpu") -> bool:
     """Whether vmap over restarts beats the autograd loop (bench/inversion.py, 1 thread, shared box).
 
     Digits CNN (106k parameters), one local step: 1.3-1.5x restarts/second for B=4 (R=4, 8) but
@@ -113,8 +119,39 @@ def worth_vectorizing(num_images: int, steps: int, restarts: int, num_params: in
     than the prototype's, so vmap's fixed overhead weighs more). Unrolled 5-step updates: 0.7-1.2x,
     not reliably better. ResNet-18 (11M parameters): 0.6x. Hence: one step, a small model and at
     least 8 images in flight.
+
+    On the CPU vmap pays only by batching restarts whose own batches are small (issue 15,
+    measured 2026-11-30, load ~3): R >= 4 with B <= 8 gave 1.1-1.7x (B=4 R=16: 1.64x, B=8 R=4:
+    1.1x), but two restarts lose at any B (B=4, 8, 16 at R=2: 0.94x, 0.78x, 0.90x) and 16+
+    images per restart lose at any R (0.6-1.0x, bench/RESULTS.md "Inversion on a GPU"). So the
+    CPU also needs R >= 4 and B <= 8. A GPU keeps the rule above until the H200 run says where
+    its cap lies.
     """
-    return steps == 1 and restarts >= 2 and restarts * num_images >= 8 and num_params <= 1_000_000
+    small_enough = steps == 1 and restarts >= 2 and restarts * num_images >= 8 and num_params <= 1_000_000
+    if torch.device(device).type != "cpu":
+        return small_enough
+    return small_enough and restarts >= 4 and num_images <= 8
+
+
+def make_objective(matcher: UpdateMatcher, vectorize: bool) -> ObjectiveFn:
+    return matcher.vmap_fn() if vectorize else matcher.autograd_fn()
+
+
+def objective_plan(matcher: UpdateMatcher, z: Tensor, vectorize: bool, iterations: int) -> Plan:
+    """`lab.fastpath`'s measured CPU plan for this objective at restarts x images `z` (R, B, C, H, W):
+    conv-weight layout, oneDNN on or off, threads. Its ReLU/pool reordering does not apply here
+    (functional_call runs the model's own forward). Below PROBE_MIN_ITERATIONS iterations the
+    probe's ~40 objective calls cannot pay back, so short runs keep the default path."""
+    if iterations < PROBE_MIN_ITERATIONS:
+        return DEFAULT
+    plans = [p for p in candidates(matcher.model) if not p.pool_first]
+
+    def setup(plan: Plan) -> Callable[[], list[Tensor]]:
+        fn = make_objective(matcher.laid_out(plan.channels_last), vectorize)
+        return lambda: list(fn(z))  # (grad wrt z, gradient loss, objective) must all agree
+
+    return probed_plan("inversion-objective", matcher.model, z, plans, setup,
+                       backend="vmap" if vectorize else "autograd", steps=matcher.schedule.steps)
 
 
 class InvertingGradients:
@@ -154,14 +191,15 @@ class InvertingGradients:
                              "pass image_shape=(C, H, W)")
         matcher = UpdateMatcher(target, net, labels, cfg.tv)
         vectorize = cfg.vectorize == "on" or (cfg.vectorize == "auto" and worth_vectorizing(
-            n, matcher.schedule.steps, cfg.restarts, int(matcher.target_flat.numel())))
-        objective = matcher.vmap_fn() if vectorize else matcher.autograd_fn()
+            n, matcher.schedule.steps, cfg.restarts, int(matcher.target_flat.numel()), device))
 
         gen = torch.Generator().manual_seed(cfg.seed)  # drawn on the CPU: the same start on every device
         lo = ((0.0 - matcher.mean) / matcher.std).unsqueeze(0)  # (1, 1, C, 1, 1) box in z space
         hi = ((1.0 - matcher.mean) / matcher.std).unsqueeze(0)
         z = torch.randn((cfg.restarts, n, *shape), generator=gen).to(device)  # paper: randn in model space
         z = torch.maximum(torch.minimum(z, hi), lo).requires_grad_(True)
+        plan = objective_plan(matcher, z.detach(), vectorize, cfg.iterations)
+        objective = scoped(plan, make_objective(matcher.laid_out(plan.channels_last), vectorize))
         opt = torch.optim.Adam([z], lr=cfg.lr)
         sched = torch.optim.lr_scheduler.MultiStepLR(
             opt, milestones=milestones(cfg.iterations) if cfg.lr_decay else [], gamma=0.1)
@@ -204,9 +242,9 @@ class InvertingGradients:
         images = (best_z[winner] * matcher.std + matcher.mean).clamp(0.0, 1.0).cpu()
         labels = labels.cpu()
         seconds = time.perf_counter() - start
-        log.info("inverting-gradients: B=%d K=%d R=%d %s on %s, %d iterations, loss %.4f, %.1f s",
+        log.info("inverting-gradients: B=%d K=%d R=%d %s on %s (%s), %d iterations, loss %.4f, %.1f s",
                  n, matcher.schedule.steps, cfg.restarts, "vmap" if vectorize else "autograd", device,
-                 done, float(best_loss[winner]), seconds)
+                 plan.label, done, float(best_loss[winner]), seconds)
         return Reconstruction(
             images=images.detach(), labels=labels, loss=float(best_loss[winner]), iterations=done,
             seconds=seconds, restart_losses=tuple(float(v) for v in best_loss), interrupted=interrupted,

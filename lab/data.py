@@ -9,9 +9,12 @@ share `partition-id`, `num-partitions` and the seed hold exactly the same sample
 from __future__ import annotations
 
 import functools
+import gzip
+import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,14 +48,30 @@ RawLoader = Callable[[DatasetConfig], tuple[Split, Split | None]]
 
 def _load_digits(cfg: DatasetConfig) -> tuple[Split, Split | None]:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 real images; ships in the wheel)."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+    images, target = _digits()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
     size = cfg.image_size or 28
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-    return Split(x, torch.tensor(bunch.target, dtype=torch.int64)), None
+    return Split(x, torch.tensor(target, dtype=torch.int64)), None
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) float64, labels (1797,)) exactly as `sklearn.datasets.load_digits` gives
+    them, read from its `digits.csv.gz` the way it reads it, but without importing scikit-learn:
+    that import costs 1-2.5 s in each process that loads the data (the ServerApp and every Ray
+    actor of every run; bench/warm_start.py). Falls back to `load_digits` if the file moved."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(roots[0]) / "datasets" / "data" / "digits.csv.gz" if roots else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.images, bunch.target
+    with gzip.open(path, mode="rt", encoding="utf-8") as f:
+        data = np.loadtxt(f, delimiter=",")  # (1797, 65): 64 pixels, then the label
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
 
 
 def _torchvision(name: str) -> RawLoader:
@@ -182,23 +201,31 @@ def _bias(labels: tuple[int, ...], num_partitions: int, h: float, seed: int,
 def _partitions(
     labels: tuple[int, ...], num_partitions: int, scheme: str, alpha: float, seed: int
 ) -> tuple[tuple[int, ...], ...]:
+    if scheme == "iid":
+        return _iid_partitions(len(labels), num_partitions, seed)
     from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import DirichletPartitioner
 
     table = Dataset.from_dict({"index": list(range(len(labels))), "label": list(labels)})
-    partitioner = (
-        IidPartitioner(num_partitions=num_partitions)
-        if scheme == "iid"
-        else DirichletPartitioner(
-            num_partitions=num_partitions, partition_by="label", alpha=alpha,
-            min_partition_size=0, self_balancing=True, shuffle=True, seed=seed,
-        )
+    partitioner = DirichletPartitioner(
+        num_partitions=num_partitions, partition_by="label", alpha=alpha,
+        min_partition_size=0, self_balancing=True, shuffle=True, seed=seed,
     )
-    if scheme == "iid":
-        # IidPartitioner splits in order; shuffle once with the seed so partitions mix classes.
-        table = table.shuffle(seed=seed)
     partitioner.dataset = table
     return tuple(tuple(partitioner.load_partition(i)["index"]) for i in range(num_partitions))
+
+
+def _iid_partitions(n: int, num_partitions: int, seed: int) -> tuple[tuple[int, ...], ...]:
+    """flwr-datasets' IidPartitioner over the rows shuffled once with `datasets.Dataset.shuffle(seed=seed)`
+    (so partitions mix classes), the same indices without importing either library (2-3 s in each Ray
+    actor, and 4 s of table work for Fashion-MNIST; bench/warm_start.py): the shuffle is
+    `np.random.default_rng(seed).permutation`, the partitioner takes contiguous shards
+    (`Dataset.shard(contiguous=True)`: the first n % num_partitions shards get one row more).
+    tests/unit/test_data_warm_start.py checks both against the libraries."""
+    order = np.random.default_rng(seed).permutation(n)  # (n,)
+    div, mod = divmod(n, num_partitions)
+    starts = [div * i + min(i, mod) for i in range(num_partitions + 1)]
+    return tuple(tuple(order[starts[i]:starts[i + 1]].tolist()) for i in range(num_partitions))
 
 
 def malicious_partitions(num_clients: int, ratio: float, seed: int) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ global model and never aggregated.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +64,15 @@ class ParamLayout:
                 raise ReplyError(f"{e.key}: shape {tuple(t.shape)} != {e.shape}")
             if t.dtype != e.dtype:
                 raise ReplyError(f"{e.key}: dtype {t.dtype} != {e.dtype}")
+
+    def check_keys(self, keys: Iterable[str]) -> None:
+        """Raise ReplyError unless `keys` are exactly this layout's (the first half of `check`,
+        for callers that read shapes and dtypes from serialised metadata: strategies.ingest)."""
+        got = set(keys)
+        if got != set(self.keys):
+            missing = sorted(set(self.keys) - got)
+            extra = sorted(got - set(self.keys))
+            raise ReplyError(f"keys differ from the global model (missing {missing[:3]}, extra {extra[:3]})")
 
     def flatten(self, state: Mapping[str, ArrayLike]) -> Tensor:
         """(n_params,) float32 vector of the floating entries, in layout order."""

@@ -188,6 +188,9 @@ class ExecutionConfig:
     checkpoint_every: int = 1
     reconstruction_only: bool = False
     resume: bool = False
+    # Simulation: one Flower message per client, or cohorts of clients per message (lab.cohort).
+    messages: Literal["auto", "per-client", "cohort"] = "auto"
+    workers: int | None = None  # simulation worker processes in a cohort run (None: the usable cores)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ transform; the loop itself is never forked.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -16,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lab.cohort import usable_cores
 from lab.config import ExperimentConfig
 from lab.data import DataBundle, Split, load_data
 from lab.errors import ConfigError
+from lab.fastpath import training_plan
+from lab.kernels import prepared
 from lab.models import build_model, device_of
 
 BatchTransform = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
@@ -77,12 +79,10 @@ def generator(*parts: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def set_threads(num_threads: int) -> None:
+    """torch's intra-op threads, never more than the cores this process may use: an OpenMP thread
+    without a core of its own spin-waits on the others (2 threads on 1 free core: a step 6x slower)."""
+    num_threads = max(1, min(num_threads, usable_cores()))
     if torch.get_num_threads() != num_threads:
         torch.set_num_threads(num_threads)
 
@@ -151,10 +151,24 @@ def train_local(
 
     With `fixed_batch` (a curious server's probe: "K steps on one batch of B"), one batch of
     `hp.batch_size` samples is drawn and poisoned once, then used for all `hp.steps` steps.
+
+    On the CPU the steps run on `lab.fastpath`'s measured plan for this model and batch shape
+    (memory layout, oneDNN, ReLU/pool order, threads: equal to the plain path within
+    `fastpath.TOLERANCE`); the probe runs once per process on a copy and draws no random numbers.
     """
     if len(data) == 0:
         return TrainStats(loss=0.0, steps=0, examples=0)
     model.train()
+    size = min(hp.batch_size, len(data))
+    plan = training_plan(model, data.x[:size], data.y[:size], lr=hp.lr, momentum=hp.momentum,
+                         weight_decay=hp.weight_decay)
+    with prepared(model, plan) as forward:
+        return _steps(model, forward, data, hp, gen, poison, fixed_batch)
+
+
+def _steps(model: nn.Module, forward: Callable[[Tensor], Tensor], data: Split, hp: LocalHyperparams,
+           gen: torch.Generator, poison: BatchTransform | None, fixed_batch: bool) -> TrainStats:
+    """train_local's loop; `forward` is the model's forward under the chosen plan."""
     device = device_of(model)
     opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
     total, steps, seen = 0.0, 0, 0
@@ -175,7 +189,7 @@ def train_local(
                 x, y = poison(x, y, gen)
         x, y = x.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
         total += float(loss.detach())

@@ -124,6 +124,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     need(0 <= u.mix_ratio <= 1, "unlearning.mix_ratio", "must be in [0, 1]")
     need(cfg.execution.num_threads >= 1, "execution.num_threads", "must be >= 1")
     need(cfg.execution.client_cpus > 0, "execution.client_cpus", "must be > 0")
+    need(cfg.execution.workers is None or cfg.execution.workers >= 1, "execution.workers", "must be >= 1")
     need(cfg.execution.checkpoint_every >= 1, "execution.checkpoint_every", "must be >= 1 (a round count)")
     return p
 

@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import Strategy
 
 from byzantine.collusion import build_colluder
 from lab import log as lablog
+from lab.cohort import RUN_CONFIG_KEY as COHORT_SIZE
 from lab.config import ExperimentConfig, from_run_config
 from lab.data import DataBundle, load_data, malicious_partitions, partition_sizes
 from lab.errors import RunError
@@ -100,6 +101,8 @@ def main(grid: Grid, context: Context) -> None:
     malicious = ground_truth(run_config, cfg)
     recorder = RunRecorder(out, cfg, data, build_for(cfg, data), trigger, malicious,
                            aggregator_state=stateful.state_dict if stateful is not None else None)
+    per_message = int(run_config.get(COHORT_SIZE, 1))  # type: ignore[call-overload]
+    recorder.extra_settings["execution.clients_per_message"] = per_message
     if all_examples is not None:
         weighted = bool(cfg.federated.aggregator.params.get("weighted", True))
         recorder.extra_settings["federated.fedavg_total_weight"] = sum(all_examples) if weighted else len(all_examples)
@@ -136,11 +139,12 @@ def main(grid: Grid, context: Context) -> None:
         # sampled clients are malicious (None: drawn like everyone). No rule ever sees it.
         malicious=malicious,
         attackers_per_round=cfg.federated.attackers_per_round,
+        cohort=per_message > 1,  # fl-lab's simulation launch chose several clients per message
     )
     runner: Strategy = strategy
     if cfg.capture.enabled:
         plan = CapturePlan.of(cfg.capture, hp, recorder.malicious, data.image_shape)
-        runner = CaptureUpdates(strategy, out / "captures", plan, identities=strategy.identities)
+        runner = CaptureUpdates(strategy, out / "captures", plan, read_replies=strategy.client_replies)
         log.info("capturing rounds %s (clients: %s, probe: %s)", sorted(plan.rounds), cfg.capture.clients, plan.probe)
     start_arrays = initial
     if done:

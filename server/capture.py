@@ -33,7 +33,10 @@ from lab.config import CaptureConfig
 from lab.errors import LabError
 from lab.task import LocalHyperparams
 from strategies.flower import to_tensors
+from strategies.inbox import ClientReply, open_replies
 from strategies.replies import IdentityBook, read_examples
+
+ReadReplies = Callable[[list[Message]], tuple[list[ClientReply], list[dict[str, object]]]]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class CapturePlan:
     def of(cls, cfg: CaptureConfig, base: LocalHyperparams, malicious: frozenset[int],
            image_shape: tuple[int, int, int]) -> CapturePlan:
         if cfg.clients == "all":
-            select: Callable[[int], bool] = lambda p: True  # noqa: E731
+            select: Callable[[int], bool] = lambda p: True
         elif cfg.clients == "malicious":
             # The lab's experiment bookkeeping picks whom to record; the capture never affects training.
             select = malicious.__contains__
@@ -66,16 +69,18 @@ class CapturePlan:
 class CaptureUpdates(Strategy):
     """Delegates everything to `inner`; records raw client updates in the planned rounds.
 
-    `identities` is the inner strategy's `IdentityBook` (`RobustFedAvg.identities`); without one
-    (a built-in Flower strategy) the hook keeps its own.
+    `read_replies` is the inner strategy's (`RobustFedAvg.client_replies`: its `IdentityBook` and
+    its cohorts), so both file a reply under the same partition; without one (a built-in Flower
+    strategy) the hook keeps its own `IdentityBook`.
     """
 
     def __init__(self, inner: Strategy, out_dir: Path, plan: CapturePlan,
-                 identities: IdentityBook | None = None) -> None:
+                 read_replies: ReadReplies | None = None) -> None:
         self.inner = inner
         self.out_dir = out_dir
         self.plan = plan
-        self.identities = identities if identities is not None else IdentityBook()
+        self.identities = IdentityBook()
+        self.read_replies: ReadReplies = read_replies or (lambda msgs: open_replies(msgs, self.identities))
         self.written = sum(int(r.get("bytes", 0)) for r in read_jsonl(out_dir / "manifest.jsonl"))
         self.full = False
         self._sent: dict[int, tuple[dict[str, object], LocalHyperparams]] = {}
@@ -87,7 +92,7 @@ class CaptureUpdates(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self.identities.release_absent(grid.get_node_ids())
+        self.identities.release_absent(grid.get_node_ids())  # the default reader's own book
         self._global = arrays
         self._sent = {}
         if server_round in self.plan.rounds and self.plan.probe is not None:
@@ -113,17 +118,16 @@ class CaptureUpdates(Strategy):
     def _capture(self, server_round: int, replies: list[Message]) -> None:
         assert self._global is not None
         global_state = to_tensors(self._global)
-        usable = [(msg.metadata.src_node_id, msg) for msg in replies
-                  if not msg.has_error() and "metrics" in msg.content.metric_records]
-        settled = self.identities.settle([(node, msg.content.metric_records["metrics"].get("partition-id"))
-                                          for node, msg in usable])
-        for node, msg in usable:
-            partition = settled.partition_of.get(node)
-            if partition is None or not self.plan.select(partition):
+        clients, _ = self.read_replies(replies)  # the failures are the aggregation's to report
+        for reply in clients:
+            node, partition = reply.node_id, reply.partition
+            if not self.plan.select(partition):
                 continue
             try:
-                num_examples = int(read_examples(msg.content.metric_records["metrics"].get("num-examples")))
-                state = to_tensors(msg.content.array_records["arrays"])
+                if reply.arrays is None:
+                    raise KeyError("arrays")
+                num_examples = int(read_examples(reply.metrics.get("num-examples")))
+                state = to_tensors(reply.arrays)
                 update = {k: state[k] - v if v.is_floating_point() else torch.zeros_like(v)
                           for k, v in global_state.items()}
             except (LabError, KeyError, RuntimeError, TypeError, ValueError) as exc:

@@ -12,19 +12,28 @@ mutates a reply and never calls Flower's private methods.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from torch import Tensor
 
+from lab.cohort import COHORT_KEY, split_evenly
 from lab.errors import AggregationError, LabError, ReplyError
 from lab.records import ParamLayout
+from strategies.inbox import ClientReply, open_replies
+from strategies.ingest import IngestPlan, UpdateMatrix
 from strategies.replies import IdentityBook, read_examples, read_loss, shorten
 from strategies.sampling import RoundSampler
 from strategies.types import Aggregate, Aggregator, RoundInfo
@@ -74,6 +83,18 @@ def to_tensors(record: ArrayRecord) -> dict[str, Tensor]:
     return {k: torch.from_numpy(v.numpy()) for k, v in record.items()}
 
 
+def cohort_orders(partitions: Sequence[int], nodes: Sequence[int], arrays: ArrayRecord,
+                  config: ConfigRecord) -> tuple[list[Message], dict[int, list[int]]]:
+    """One TRAIN message per node (ascending ids) with its share of `partitions`, and who got what."""
+    assigned = dict(zip(sorted(nodes), split_evenly(list(partitions), len(nodes))))
+    messages = []
+    for node, share in assigned.items():
+        order = ConfigRecord({**dict(config), COHORT_KEY: [int(p) for p in share]})
+        messages.append(Message(content=RecordDict({"arrays": arrays, "config": order}),
+                                message_type=MessageType.TRAIN, dst_node_id=node))
+    return messages, assigned
+
+
 class RobustFedAvg(FedAvg):
     """FedAvg whose aggregation step is any `Aggregator` over client updates.
 
@@ -89,6 +110,8 @@ class RobustFedAvg(FedAvg):
             building the update matrix and the aggregator; it may replace malicious rows. The
             aggregator still gets only the matrix.
         seed: seeds the per-round client sampling (`RoundSampler`).
+        cohort: simulation only (`lab.cohort`): each round's sampled partitions are split over all
+            connected nodes, several per message, instead of one message to each partition's node.
         malicious, attackers_per_round: `federated.attackers_per_round` (see `RoundSampler`): the
             ground truth, used only to draw exactly that many attackers per round, never to aggregate.
     """
@@ -109,6 +132,7 @@ class RobustFedAvg(FedAvg):
         malicious: frozenset[int] = frozenset(),
         attackers_per_round: int | None = None,
         roll_call_timeout: float = 600.0,
+        cohort: bool = False,
     ) -> None:
         super().__init__(
             # A hair above the exact share, so int(num_nodes * fraction) never rounds down.
@@ -128,7 +152,13 @@ class RobustFedAvg(FedAvg):
         self.identities = IdentityBook(num_clients)  # node id <-> partition, across rounds
         self.sampler = RoundSampler(num_clients, clients_per_round, seed, malicious, attackers_per_round)
         self.roll_call_timeout = roll_call_timeout
+        self.cohort = cohort
+        self._assigned: dict[int, list[int]] | None = None  # this round's cohorts: node -> partitions
         self._global: dict[str, Tensor] | None = None
+        self._ingest = IngestPlan.of(layout)
+        # Kept across rounds (its pages are touched once, not every round): no rule may keep the
+        # matrix or a view of it past its round (FoolsGold clones what it remembers).
+        self._matrix = UpdateMatrix(layout.num_params)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -137,6 +167,13 @@ class RobustFedAvg(FedAvg):
         for node in self.identities.release_absent(grid.get_node_ids()):
             log.warning("round %d: node %s is gone; its partition may be claimed again", server_round, node)
         merged = ConfigRecord({**self.train_config, **dict(config), "round-size": self.clients_per_round})
+        if self.cohort:
+            merged["server-round"] = server_round
+            messages, self._assigned = cohort_orders(self.sampler.partitions(server_round),
+                                                     list(grid.get_node_ids()), arrays, merged)
+            log.info("round %d: %d clients in %d cohort messages", server_round, self.clients_per_round,
+                     len(messages))
+            return messages
         if self.sampler.everyone:  # every node trains: FedAvg's own messaging, nothing to draw
             return super().configure_train(server_round, arrays, merged, grid)
         chosen = self.sampler.partitions(server_round)
@@ -245,52 +282,27 @@ class RobustFedAvg(FedAvg):
         num-examples, the training losses reported and each row's norm; invalid replies go to
         `decisions.failures` with a reason.
 
-        A row's partition is the one its node holds (`IdentityBook`: the node id is the
-        authenticated sender; the partition-id in the metrics only a claim). Each reply is decoded
-        straight into its row of one preallocated matrix (one copy per reply, no list of per-client
-        state dicts), which matters at ResNet-18 size.
+        Each reply is read in place and written as (weights - global) into its row with its norm
+        in one pass (`strategies.ingest`). A row's partition is the one its node holds
+        (`IdentityBook`: the node id is the authenticated sender; the partition-id in the metrics
+        only a claim), or in a cohort round the one the server assigned (`strategies.inbox`).
         """
+        candidates, failures = self.client_replies(replies)
+        decisions.failures.extend(failures)
         failures = decisions.failures
-        claims: list[tuple[int, object]] = []
-        pending: list[tuple[int, Message]] = []
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                failures.append({"node_id": node, "partition": None, "reason": shorten(str(msg.error.reason))})
-                continue
-            metrics = msg.content.metric_records.get("metrics")
-            if metrics is None:
-                failures.append({"node_id": node, "partition": None, "reason": "no 'metrics' MetricRecord"})
-                continue
-            claims.append((node, metrics.get("partition-id")))
-            pending.append((node, msg))
-        settled = self.identities.settle(claims)
-        failures.extend(r.as_failure() for r in settled.refused)
-        # Rows in partition order: arrival order is random, and float sums depend on row order.
-        candidates = sorted((settled.partition_of[node], node, msg) for node, msg in pending
-                            if node in settled.partition_of)
-        rows = torch.empty((len(candidates), self.layout.num_params))
+        rows = self._matrix.rows(len(candidates))
         examples: list[float] = []
         losses: list[float] = []
         norms: list[float] = []  # of each accepted update, from the overflow check (one pass, not two)
-        for partition, node, msg in candidates:
+        for reply in candidates:
+            partition, node, arrays = reply.partition, reply.node_id, reply.arrays
             row = rows[len(examples)]
             try:
-                metrics = msg.content.metric_records["metrics"]
-                n = read_examples(metrics.get("num-examples"))
-                loss = read_loss(metrics.get("train-loss"))
-                arrays = msg.content.array_records.get("arrays")
+                n = read_examples(reply.metrics.get("num-examples"))
+                loss = read_loss(reply.metrics.get("train-loss"))
                 if arrays is None:
                     raise ReplyError("reply lacks the 'arrays' record")
-                state = to_tensors(arrays)
-                self.layout.check(state)
-                self.layout.flatten_into(state, row)
-                if not bool(torch.isfinite(row).all()):
-                    raise ReplyError("non-finite values in the weights")
-                row.sub_(global_flat)
-                norm = float(row.norm())
-                if not math.isfinite(norm):
-                    raise ReplyError("update too large: its norm overflows float32")
+                norm = self._ingest(arrays, global_flat, row)  # checks, copy, - global, norm: one pass
             except (LabError, KeyError, TypeError, ValueError) as exc:
                 failures.append({"node_id": node, "partition": partition, "reason": shorten(str(exc))})
                 continue
@@ -304,6 +316,10 @@ class RobustFedAvg(FedAvg):
         for f in failures:
             log.warning("round %d: dropped reply from node %s: %s", decisions.server_round, f["node_id"], f["reason"])
         return rows[: len(examples)], examples, losses, norms
+
+    def client_replies(self, replies: Iterable[Message]) -> tuple[list[ClientReply], list[dict[str, object]]]:
+        """This round's replies, one per client, and the failures (`strategies.inbox.open_replies`)."""
+        return open_replies(replies, self.identities, self._assigned if self.cohort else None)
 
     def _reference(self, global_flat: Tensor, server_round: int) -> Callable[[], Tensor] | None:
         fn = self.reference_update

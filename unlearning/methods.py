@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ from torch import Tensor, nn
 
 from lab.data import Split
 from lab.errors import LabError
+from lab.fastpath import training_plan
+from lab.kernels import prepared
 from lab.metrics import predict
 from lab.models import device_of
 from lab.task import batches
@@ -185,6 +188,11 @@ def freeze_batchnorm(model: nn.Module) -> None:
             module.eval()
 
 
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """Contiguous copies of the state (the fast path may hold channels-last weights meanwhile)."""
+    return {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
+
+
 def accuracy(model: nn.Module, split: Split) -> float:
     return float((predict(model, split.x).argmax(1) == split.y).float().mean())
 
@@ -213,14 +221,24 @@ def finetune(model: nn.Module, clean: Split, val: Split, transform: Transform, b
     `budget.patience` validations in a row below `budget.min_accuracy` training stops; the
     latest checkpoint within budget is returned (the original weights if none was).
     """
-    import time
-
     start = time.perf_counter()
     teacher = model.eval()
     model = copy.deepcopy(model)
+    size = min(budget.batch_size, len(clean))
+    plan = training_plan(model, clean.x[:size], clean.y[:size], lr=budget.lr, momentum=budget.momentum,
+                         weight_decay=0.0)
+    with prepared(model, plan) as forward:  # lab.train_local's measured CPU path, restored on exit
+        return _finetune(model, teacher, forward, clean, val, transform, budget, order, noise, progress, start)
+
+
+def _finetune(model: nn.Module, teacher: nn.Module, forward: Callable[[Tensor], Tensor], clean: Split,
+              val: Split, transform: Transform, budget: Budget, order: torch.Generator,
+              noise: torch.Generator, progress: Callable[[int, float], None] | None,
+              start: float) -> FinetuneResult:
+    """finetune's loop on the model copy; `forward` is its forward under the chosen plan."""
     device = device_of(model)
     opt = torch.optim.SGD(model.parameters(), lr=budget.lr, momentum=budget.momentum)
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_state = snapshot(model)
     kept, val_acc, stopped, step, strikes = 0, accuracy(model, val), False, 0, 0
     for step, index in enumerate(batches(len(clean), budget.batch_size, order, budget.steps, 1), start=1):
         model.train()
@@ -231,7 +249,7 @@ def finetune(model: nn.Module, clean: Split, val: Split, transform: Transform, b
         x, y, anchored = x.to(device), y.to(device), anchored.to(device)
         with torch.no_grad():
             soft = teacher(x0).softmax(1) if budget.distill > 0 else torch.empty(0)
-        loss = row_loss(model(x), y, soft, anchored, budget.distill)
+        loss = row_loss(forward(x), y, soft, anchored, budget.distill)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -248,6 +266,6 @@ def finetune(model: nn.Module, clean: Split, val: Split, transform: Transform, b
                     break
                 continue
             strikes, val_acc, kept = 0, acc, step
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = snapshot(model)
     return FinetuneResult({k: v.cpu() for k, v in best_state.items()}, kept, step, stopped, val_acc,
                           time.perf_counter() - start)

@@ -18,7 +18,7 @@ SETTING_KEYS = ("dataset.name", "training.model", "federated.num_clients", "fede
                 "federated.bias_h", "federated.dirichlet_alpha", "federated.clients_per_round",
                 "federated.attackers_per_round", "federated.fedavg_divisor", "federated.fedavg_total_weight",
                 "federated.server_lr", "training.local_steps", "training.local_epochs", "training.batch_size",
-                "training.lr", "training.eval_every")
+                "training.lr", "training.eval_every", "execution.clients_per_message")
 SETTING_COLUMNS = 6  # runs side by side; more (a sweep) get one column of the values and their counts
 
 

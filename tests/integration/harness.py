@@ -40,6 +40,7 @@ class FakeGrid(Grid):
         self._replies: dict[str, Message] = {}
         self._tamper = tamper
         self._run: Any = None
+        self.sent: list[int] = []  # messages per push, in order (a cohort round sends fewer than its clients)
 
     def set_run(self, run: Any) -> None:
         self._run = run
@@ -56,6 +57,8 @@ class FakeGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
+        messages = list(messages)
+        self.sent.append(len(messages))
         for msg in messages:
             mid = f"m{next(self._ids)}"
             msg.metadata.__dict__["_message_id"] = mid  # the SuperLink assigns it in a real run
