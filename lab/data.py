@@ -12,6 +12,7 @@ import functools
 import gzip
 import importlib.util
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,12 +136,36 @@ def partition_indices(
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     if num_partitions > len(labels):
         raise DataError(f"{num_partitions} partitions but only {len(labels)} training samples")
-    if fed.partitioning == "bias":
-        parts = _bias(tuple(labels.tolist()), num_partitions, fed.bias_h, seed, num_classes)
-    else:
-        parts = _partitions(tuple(labels.tolist()), num_partitions, fed.partitioning,
-                            fed.dirichlet_alpha, seed)
-    return torch.tensor(parts[partition_id], dtype=torch.int64)
+    return _split_of(labels, num_partitions, fed, seed, num_classes)[partition_id].clone()
+
+
+# The split of one labels tensor, per split setting, kept while that tensor lives: a cohort worker asks
+# for a partition per client, and turning 60,000 labels into the hashable key of the caches below
+# cost about 1 ms a time (bench/RESULTS.md, issue 15). Keyed by the tensor's identity, checked through
+# a weak reference, so a new tensor that reuses a dead one's id starts afresh.
+_SPLITS: dict[int, tuple[weakref.ref[Tensor], dict[tuple[object, ...], tuple[Tensor, ...]]]] = {}
+
+
+def clear_partition_caches() -> None:
+    """Forget every split computed in this process (tests: recompute as another process would)."""
+    _SPLITS.clear()
+    _bias.cache_clear()
+    _partitions.cache_clear()
+
+
+def _split_of(labels: Tensor, num_partitions: int, fed: FederatedConfig, seed: int,
+              num_classes: int) -> tuple[Tensor, ...]:
+    entry = _SPLITS.get(id(labels))
+    if entry is None or entry[0]() is not labels:
+        entry = (weakref.ref(labels), {})
+        _SPLITS[id(labels)] = entry
+    setting = (num_partitions, fed.partitioning, fed.bias_h, fed.dirichlet_alpha, seed, num_classes)
+    if setting not in entry[1]:
+        key = tuple(labels.tolist())
+        parts = (_bias(key, num_partitions, fed.bias_h, seed, num_classes) if fed.partitioning == "bias"
+                 else _partitions(key, num_partitions, fed.partitioning, fed.dirichlet_alpha, seed))
+        entry[1][setting] = tuple(torch.tensor(p, dtype=torch.int64) for p in parts)
+    return entry[1][setting]
 
 
 def partition_sizes(labels: Tensor, num_partitions: int, fed: FederatedConfig, seed: int,

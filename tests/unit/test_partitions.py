@@ -64,7 +64,7 @@ def test_partitions_are_disjoint_and_cover_train(labels: Tensor, scheme: str) ->
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
 def test_partitions_are_deterministic_per_seed(labels: Tensor, scheme: str) -> None:
     first = all_parts(labels, fed(scheme), seed=7)
-    data._partitions.cache_clear()  # recompute from scratch, as another process would
+    data.clear_partition_caches()  # recompute from scratch, as another process would
     again = all_parts(labels, fed(scheme), seed=7)
     other = all_parts(labels, fed(scheme), seed=8)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
@@ -157,7 +157,7 @@ def test_bias_partitions_are_disjoint_cover_and_are_seeded(labels: Tensor, num: 
 
 def test_bias_through_partition_indices_matches_and_is_deterministic(labels: Tensor) -> None:
     first = all_parts(labels, bias(0.5), seed=7)
-    data._bias.cache_clear()  # recompute, as another process would
+    data.clear_partition_caches()  # recompute, as another process would
     assert all(torch.equal(a, b) for a, b in zip(first, all_parts(labels, bias(0.5), seed=7)))
     assert all(torch.equal(a, b) for a, b in zip(first, data.bias_partitions(labels, N, 0.5, 7)))
     assert data.partition_sizes(labels, N, bias(0.5), 7) == tuple(len(p) for p in first)
@@ -179,3 +179,14 @@ def test_bias_group_label_share_is_close_to_h_on_large_data(h: float) -> None:
     frac = counts / counts.sum(dim=0, keepdim=True)  # share of each label per group
     off = frac[~torch.eye(10, dtype=torch.bool)]
     assert (off - (1 - h) / 9).abs().max() < 0.02
+
+
+def test_a_partition_is_computed_once_per_labels_tensor_and_handed_out_as_a_copy(labels: Tensor) -> None:
+    data.clear_partition_caches()
+    first = partition_indices(labels, 3, N, bias(0.5), 7)
+    first[:] = -1  # a caller's own copy: the cache is untouched
+    again = partition_indices(labels, 3, N, bias(0.5), 7)
+    assert bool((again >= 0).all()) and torch.equal(again, data.bias_partitions(labels, N, 0.5, 7)[3])
+    twin = labels.clone()  # equal labels, another tensor: its own entry, the same split
+    assert torch.equal(partition_indices(twin, 3, N, bias(0.5), 7), again)
+    assert len(data._SPLITS) == 2
