@@ -139,18 +139,16 @@ def partition_indices(
     return _split_of(labels, num_partitions, fed, seed, num_classes)[partition_id].clone()
 
 
-# The split of one labels tensor, per split setting, kept while that tensor lives: a cohort worker asks
-# for a partition per client, and turning 60,000 labels into the hashable key of the caches below
-# cost about 1 ms a time (bench/RESULTS.md, issue 15). Keyed by the tensor's identity, checked through
-# a weak reference, so a new tensor that reuses a dead one's id starts afresh.
+# The split of one labels tensor, per split setting, kept while that tensor lives (the split's only
+# cache): a cohort worker asks for a partition per client, and keying a cache on 60,000 labels cost
+# about 1 ms a time (bench/RESULTS.md, issue 15). Keyed by the tensor's identity, checked through a
+# weak reference, so a new tensor that reuses a dead one's id starts afresh.
 _SPLITS: dict[int, tuple[weakref.ref[Tensor], dict[tuple[object, ...], tuple[Tensor, ...]]]] = {}
 
 
 def clear_partition_caches() -> None:
     """Forget every split computed in this process (tests: recompute as another process would)."""
     _SPLITS.clear()
-    _bias.cache_clear()
-    _partitions.cache_clear()
 
 
 def _split_of(labels: Tensor, num_partitions: int, fed: FederatedConfig, seed: int,
@@ -161,10 +159,12 @@ def _split_of(labels: Tensor, num_partitions: int, fed: FederatedConfig, seed: i
         _SPLITS[id(labels)] = entry
     setting = (num_partitions, fed.partitioning, fed.bias_h, fed.dirichlet_alpha, seed, num_classes)
     if setting not in entry[1]:
-        key = tuple(labels.tolist())
-        parts = (_bias(key, num_partitions, fed.bias_h, seed, num_classes) if fed.partitioning == "bias"
-                 else _partitions(key, num_partitions, fed.partitioning, fed.dirichlet_alpha, seed))
-        entry[1][setting] = tuple(torch.tensor(p, dtype=torch.int64) for p in parts)
+        if fed.partitioning == "bias":
+            parts = bias_partitions(labels, num_partitions, fed.bias_h, seed, num_classes)
+        else:
+            rows = _partitions(tuple(labels.tolist()), num_partitions, fed.partitioning, fed.dirichlet_alpha, seed)
+            parts = [torch.tensor(p, dtype=torch.int64) for p in rows]
+        entry[1][setting] = tuple(parts)
     return entry[1][setting]
 
 
@@ -215,14 +215,6 @@ def bias_partitions(labels: Tensor, num_partitions: int, h: float, seed: int,
     return [torch.from_numpy(order[bounds[i]:bounds[i + 1]].copy()) for i in range(num_partitions)]
 
 
-@functools.lru_cache(maxsize=4)
-def _bias(labels: tuple[int, ...], num_partitions: int, h: float, seed: int,
-          num_classes: int) -> tuple[tuple[int, ...], ...]:
-    parts = bias_partitions(torch.tensor(labels, dtype=torch.int64), num_partitions, h, seed, num_classes)
-    return tuple(tuple(p.tolist()) for p in parts)
-
-
-@functools.lru_cache(maxsize=4)
 def _partitions(
     labels: tuple[int, ...], num_partitions: int, scheme: str, alpha: float, seed: int
 ) -> tuple[tuple[int, ...], ...]:

@@ -138,7 +138,7 @@ def main(grid: Grid, context: Context) -> None:
         on_round=recorder.on_round,
         # attack.knowledge: full: the colluding adversary of the simulation (experiment harness; it
         # replaces the malicious rows before the rule runs, and the rule is never told which).
-        collude=build_colluder(cfg, ground_truth(run_config, cfg)),
+        collude=build_colluder(cfg, malicious),
         seed=cfg.seed,
         # Ground truth, for the experiment's design only: exactly attackers_per_round of each round's
         # sampled clients are malicious (None: drawn like everyone). No rule ever sees it.
