@@ -65,7 +65,23 @@ OURS: dict[str, dict[str, Any]] = {
     "clip-avg": {"clip_gamma": 1.0, "clip_decay": 0.5},
     "clip-avg-iqr": {"clip_gamma": 1.0, "clip_decay": 0.5},
     "flame": {},
+    "geomed": {},
+    "centered-clipping": {},
+    "rlr": {},
+    "dnc": {"num_byzantine": "f"},
+    "signguard": {},
+    "nnm>median": {},  # COMPOSED: a pre-aggregator in front of a rule
+    "bucketing>median": {},
+    "freqfed": {},
+    "fldetector": {},
+    "deepsight": {"num_seeds": 1, "num_samples": 8},  # forward passes: (n + 1) x seeds x samples
+    "multi-metrics": {},
 }
+# Rules whose round needs more than a random matrix (see `_our_call`): a real ResNet-18 layout
+# (2-D weights to transform, an output layer, DeepSight's model forward) and d = its size, or
+# rounds of history before the timed one (FLDetector: a full window of 10 pairs + 1).
+MODEL_RULES = {"freqfed", "deepsight"}
+WARM_ROUNDS = {"fldetector": 11}
 # our rule -> the Flower built-in it is compared with
 FLOWER_PEER = {
     "fedavg": "FedAvg",
@@ -74,6 +90,11 @@ FLOWER_PEER = {
     "krum": "Krum",
     "multi-krum": "MultiKrum",
     "bulyan": "Bulyan",
+}
+# bench name -> (rule, federated.aggregator.pre); "f" in a pre's params is num_byzantine(n)
+COMPOSED: dict[str, tuple[str, list[dict[str, Any]]]] = {
+    "nnm>median": ("median", [{"name": "nnm", "params": {"f": "f"}}]),
+    "bucketing>median": ("median", [{"name": "bucketing", "params": {"s": 2}}]),
 }
 PHASES: list[dict[str, float]] = []  # worker only: CPU seconds per phase of each of our rounds, in call order
 OUTPUT_LAYER = 512 * 10 + 10  # ResNet-18 fc on 10 classes: the last 5130 coordinates
@@ -102,7 +123,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def _make_updates(n: int, d: int):  # noqa: ANN202
+def _make_updates(n: int, d: int):
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -148,11 +169,19 @@ def worker(kind: str, name: str, n: int, d: int, repeats: int, num_arrays: int =
         layout = ParamLayout.of({"body": torch.zeros(d - OUTPUT_LAYER), "fc.weight": torch.zeros(OUTPUT_LAYER)})
         ctx = AggregatorContext(layout=layout, clients_per_round=n, seed=0,
                                 output_slice=slice(d - OUTPUT_LAYER, d))
+        start = torch.zeros(d)
+        if name in MODEL_RULES:
+            ctx, u, start = _resnet_context(n)
+            d = ctx.layout.num_params
         hp = {k: (f if v == "f" else v) for k, v in OURS[name].items()}
-        agg = build_aggregator(name, hp, ctx)
+        rule, pre = COMPOSED.get(name, (name, []))
+        pre = [{"name": p["name"], "params": {k: (f if v == "f" else v) for k, v in p["params"].items()}} for p in pre]
+        agg = build_aggregator(rule, hp, ctx, pre=pre)
         g0 = u[f:].mean(0)  # a stand-in root-set update, computed outside the timing
         info = RoundInfo(server_round=1, client_ids=tuple(range(n)), num_examples=torch.full((n,), 100.0),
-                         global_params=torch.zeros(d), reference_update=lambda: g0)
+                         global_params=start, reference_update=lambda: g0)
+        if name in WARM_ROUNDS:
+            return _measure(_rounds_with_history(agg, u, WARM_ROUNDS[name]), lambda: u, repeats)
         return _measure(lambda x: agg(x, info), lambda: u, repeats)
     # Flower built-ins and our whole round, on reply messages
     import logging
@@ -181,7 +210,50 @@ def worker(kind: str, name: str, n: int, d: int, repeats: int, num_arrays: int =
     return _measure(lambda msgs: strat.aggregate_train(1, msgs), build, repeats)
 
 
-def _cuts(d: int, num_arrays: int):  # noqa: ANN202  (numpy imported lazily)
+def _resnet_context(n: int) -> tuple[Any, Any, Any]:
+    """A ResNet-18 (CIFAR, 10 classes) context with its model, a matrix of its size and its
+    initial flat weights (the global model: BatchNorm variances must stay positive)."""
+    import torch
+
+    from lab.models import build_model
+    from lab.records import ParamLayout
+    from strategies.types import AggregatorContext, ModelSpec
+
+    def net() -> torch.nn.Module:
+        return build_model("resnet18", (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3, seed=0)
+
+    state = net().state_dict()
+    layout = ParamLayout.of(state)
+    ctx = AggregatorContext(layout=layout, clients_per_round=n, seed=0, output_slice=layout.output_slice(),
+                            model=ModelSpec(net, (3, 32, 32), 10))
+    return ctx, _make_updates(n, layout.num_params), layout.flatten(state)
+
+
+def _rounds_with_history(agg: Any, u: Any, warm: int) -> Callable[[Any], Any]:
+    """Run `warm` rounds on rescaled copies of `u` (n, d) (the global model moving by each round's
+    update), then return a callable that runs the next round on its argument: a stateful rule
+    timed with its history."""
+    import torch
+
+    from strategies.types import RoundInfo
+
+    n, d = u.shape
+    state = {"round": 0, "global": torch.zeros(d)}
+
+    def step(x: Any) -> Any:
+        state["round"] += 1
+        info = RoundInfo(server_round=state["round"], client_ids=tuple(range(n)),
+                         num_examples=torch.full((n,), 100.0), global_params=state["global"])
+        out = agg(x, info)
+        state["global"] = state["global"] + out.update
+        return out
+
+    for k in range(warm):
+        step(u * (1.0 + 0.01 * k * torch.linspace(-1.0, 1.0, n)[:, None]))  # rows drift apart
+    return step
+
+
+def _cuts(d: int, num_arrays: int):
     import numpy as np
 
     return np.linspace(0, d, num_arrays + 1).astype(np.int64)

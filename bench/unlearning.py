@@ -1,35 +1,41 @@
-"""Unlearning acceptance benchmark: the default digits run, three seeds, every strategy.
+"""The cure over many seeds: capture -> inversion -> trigger recovery -> unlearning (issues 5, 16).
 
-    .venv/bin/python bench/unlearning.py /tmp/acc/default-s0 /tmp/acc/default-s1 /tmp/acc/default-s2 \
-        [--oracle] [--floor /tmp/acc/no-attack-s0 ...] [--out /tmp/unl/bench] [-- extra unlearn flags]
+    .venv/bin/python bench/unlearning.py RUN [RUN ...] [--floor NOATTACK_RUN ...] [--out DIR] \
+        [--variant NAME='--box-slack 0' ...] [--json OUT.json] [-- extra unlearn flags]
 
-Each RUN must already hold `inversion/` (`fl-lab invert RUN`). The run folders are only read:
-outputs go to OUT/<run name>/ (`fl-lab unlearn --out`). Prints per-seed rows and mean ± std
-per strategy, and checks the acceptance criteria of issue 5 on the mean over runs (and, for
-information, on every run): ASR before >= 0.90; after `transplant` ASR within 2 points of the
-no-attack floor and clean accuracy within 1 point of before. Recorded with `-- --lr 0.005`. The no-attack floor is the ASR of the `--floor` runs' final models (0.0 when not given).
+Each RUN must already hold `inversion/` (`fl-lab run` with capture, then `fl-lab invert`); the run
+folders are only read, outputs go to OUT/<variant>/<run name>/ (`fl-lab unlearn --oracle --out`).
+For every strategy and the oracle it reports mean, sd and worst case over the runs of: ASR after,
+source-class test images still firing, accuracy change; and the recovered trigger's box IoU with
+the true one (scoring only), the capture's precision (captured partitions that were attackers,
+scoring only) and whether the capture was honest. The acceptance of issue 16 is checked on the
+sanitized strategy: mean ASR <= floor + 0.02, at most one source image firing on every run,
+accuracy >= before - 0.01 on every run. The floor is the mean ASR of the `--floor` runs' final
+models with the attacked runs' trigger (0.0 when none is given, and then said so).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lab.artifacts import load_tensors  # noqa: E402
-from lab.config import load_experiment  # noqa: E402
-from lab.data import load_data  # noqa: E402
-from lab.metrics import evaluate  # noqa: E402
-from lab.task import build_for, load_state  # noqa: E402
-from lab.triggers import make_trigger  # noqa: E402
-from unlearning.cli import unlearn_main  # noqa: E402
+from lab.artifacts import load_tensors, read_jsonl
+from lab.config import load_experiment
+from lab.data import load_data
+from lab.metrics import evaluate
+from lab.task import build_for, load_state
+from lab.triggers import make_trigger
+from unlearning.cli import unlearn_main
 
 
 def floor_asr(run: Path, trigger_from: Path) -> float:
@@ -43,11 +49,81 @@ def floor_asr(run: Path, trigger_from: Path) -> float:
     return float(ev.asr or 0.0)
 
 
-def mean_std(values: list[float]) -> str:
+def source_images(run: Path) -> int:
+    cfg = load_experiment(run / "config.yaml")
+    data = load_data(cfg.dataset, cfg.seed)
+    src = cfg.dataset.source_class
+    return int((data.test.y == src).sum()) if src is not None else int((data.test.y != cfg.dataset.target_class).sum())
+
+
+def capture_precision(run: Path) -> dict[str, Any]:
+    """SCORING ONLY: the captured partitions and how many of them were attackers."""
+    rows = read_jsonl(run / "captures" / "manifest.jsonl")
+    captured = sorted({int(r["partition_id"]) for r in rows})
+    metrics = read_jsonl(run / "metrics.jsonl")
+    attackers = set().union(*[set(m.get("malicious") or []) for m in metrics[-1:]]) if metrics else set()
+    modes = sorted({str((r.get("selection") or {}).get("mode", "unknown")) for r in rows})
+    return {"captured": captured, "attackers": sorted(attackers), "hits": len(attackers & set(captured)),
+            "modes": modes}
+
+
+def stats(values: list[float], worst: str) -> dict[str, float]:
     if not values:
-        return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+        return {}
+    pick = max if worst == "max" else min
+    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "worst": pick(values), "n": len(values)}
+
+
+def fmt(s: dict[str, float], spec: str = ".4f") -> str:
+    return "-" if not s else f"{s['mean']:{spec}} ± {s['sd']:{spec}} (worst {s['worst']:{spec}})"
+
+
+def summarise(rows: list[tuple[Path, dict[str, Any], dict[str, Any], int]], floor: float) -> dict[str, Any]:
+    """Per strategy: ASR after, images firing, accuracy change; trigger IoU; acceptance."""
+    strategies = [s for s in rows[0][1]["after"] if all(s in m["after"] for _, m, _, _ in rows)]
+    out: dict[str, Any] = {"runs": [str(r) for r, *_ in rows], "floor": floor, "strategies": {}}
+    for s in strategies:
+        asr = [m["after"][s]["asr"] for _, m, _, _ in rows]
+        firing = [round(m["after"][s]["asr"] * n) for _, m, _, n in rows]
+        delta = [m["after"][s]["accuracy"] - m["before"]["accuracy"] for _, m, _, _ in rows]
+        out["strategies"][s] = {"asr": stats(asr, "max"), "firing": stats([float(f) for f in firing], "max"),
+                                "accuracy_change": stats(delta, "min"), "per_run_asr": asr, "per_run_firing": firing,
+                                "per_run_accuracy_change": delta, "oracle": rows[0][1]["after"][s]["oracle"]}
+    ious = [m["trigger"].get("scoring", {}).get("box_iou", 0.0) if m["trigger"].get("found") else 0.0
+            for _, m, _, _ in rows]
+    out["trigger_iou"] = {**stats(ious, "min"), "per_run": ious}
+    out["before"] = {"asr": stats([m["before"]["asr"] for _, m, _, _ in rows], "min"),
+                     "accuracy": stats([m["before"]["accuracy"] for _, m, _, _ in rows], "min")}
+    out["capture"] = [c for _, _, c, _ in rows]
+    s = rows[0][1]["sanitized"]["strategy"]
+    st = out["strategies"][s]
+    out["acceptance"] = {
+        "strategy": s,
+        f"mean ASR <= floor + 0.02 ({floor + 0.02:.4f})": st["asr"]["mean"] <= floor + 0.02,
+        "<= 1 source image firing on every run": max(st["per_run_firing"]) <= 1,
+        "accuracy >= before - 0.01 on every run": min(st["per_run_accuracy_change"]) >= -0.01 - 1e-9,
+    }
+    return out
+
+
+def report(name: str, summary: dict[str, Any]) -> str:
+    n = len(summary["runs"])
+    lines = [f"\n== {name}: {n} run(s), floor {summary['floor']:.4f}",
+             f"{'model':<34} {'ASR after':>32} {'firing':>26} {'accuracy change':>32}"]
+    b = summary["before"]
+    lines.append(f"{'before':<34} {fmt(b['asr']):>32} {'':>26} {'accuracy ' + fmt(b['accuracy']):>32}")
+    for s, st in summary["strategies"].items():
+        label = f"{s} (ORACLE upper bound)" if st["oracle"] else s
+        lines.append(f"{label:<34} {fmt(st['asr']):>32} {fmt(st['firing'], '.1f'):>26} "
+                     f"{fmt(st['accuracy_change']):>32}")
+    lines.append(f"trigger box IoU (scoring only): {fmt(summary['trigger_iou'], '.2f')} per run "
+                 f"{[round(v, 2) for v in summary['trigger_iou']['per_run']]}")
+    lines.append("capture (scoring only): " + "; ".join(
+        f"{Path(r).name} {c['modes']} {c['hits']}/{len(c['captured'])} attackers"
+        for r, c in zip(summary["runs"], summary["capture"])))
+    lines += [f"{'PASS' if ok else 'FAIL'}  {k}" for k, ok in summary["acceptance"].items() if k != "strategy"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,62 +135,34 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("/tmp/unl/bench"))
-    p.add_argument("--oracle", action="store_true")
     p.add_argument("--floor", nargs="*", type=Path, default=[])
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME=FLAGS: also run `fl-lab unlearn` with these flags (default variant: no flags)")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--reuse", action="store_true", help="keep an OUT/<variant>/<run>/metrics.json already there")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-
-    rows = []
-    for run in args.runs:
-        out = args.out / run.name
-        code = unlearn_main([str(run), "--out", str(out), "--quiet", *(["--oracle"] if args.oracle else []), *extra])
-        if code != 0:
-            print(f"{run}: unlearn exited {code}")
-            return code
-        rows.append((run, json.loads((out / "metrics.json").read_text())))
+    variants = {"default": []} | {v.split("=", 1)[0]: shlex.split(v.split("=", 1)[1]) for v in args.variant}
     floors = [floor_asr(f, args.runs[0]) for f in args.floor]
     floor = statistics.mean(floors) if floors else 0.0
-
-    strategies = list(rows[0][1]["after"])
-    print(f"\n{'seed run':<28} {'model':<16} {'accuracy':>8} {'asr':>6} {'source':>6} {'steps':>5}")
-    for run, m in rows:
-        b = m["before"]
-        print(f"{run.name:<28} {'before':<16} {b['accuracy']:8.4f} {b['asr']:6.3f} {b['source_accuracy']:6.3f}")
-        for s in strategies:
-            a = m["after"][s]
-            print(f"{'':<28} {s:<16} {a['accuracy']:8.4f} {a['asr']:6.3f} {a['source_accuracy']:6.3f} {a['steps']:>5}")
-        t = m["trigger"]
-        print(f"{'':<28} trigger box {t['box']} iou(scoring) {t.get('scoring', {}).get('box_iou')} "
-              f"from {t['sources']}")
-    print(f"\nmean ± std over {len(rows)} runs (no-attack ASR floor {floor:.4f}"
-          f"{' measured' if floors else ' assumed'})")
-    print(f"{'model':<16} {'accuracy':>17} {'asr':>17} {'source acc':>17} {'acc drop':>17}")
-    before_acc = [m["before"]["accuracy"] for _, m in rows]
-    print(f"{'before':<16} {mean_std(before_acc):>17} {mean_std([m['before']['asr'] for _, m in rows]):>17} "
-          f"{mean_std([m['before']['source_accuracy'] for _, m in rows]):>17}")
-    for s in strategies:
-        acc = [m["after"][s]["accuracy"] for _, m in rows]
-        print(f"{s:<16} {mean_std(acc):>17} {mean_std([m['after'][s]['asr'] for _, m in rows]):>17} "
-              f"{mean_std([m['after'][s]['source_accuracy'] for _, m in rows]):>17} "
-              f"{mean_std([b - a for a, b in zip(acc, before_acc)]):>17}")
-
-    checks = {
-        "ASR before >= 0.90 (every run)": all(m["before"]["asr"] >= 0.90 for _, m in rows),
-    }
-    if "transplant" in strategies:
-        asr = [m["after"]["transplant"]["asr"] for _, m in rows]
-        drop = [m["before"]["accuracy"] - m["after"]["transplant"]["accuracy"] for _, m in rows]
-        checks["transplant ASR <= floor + 0.02 (mean)"] = statistics.mean(asr) <= floor + 0.02
-        checks["transplant accuracy drop <= 0.01 (mean)"] = statistics.mean(drop) <= 0.01 + 1e-9
-        checks["transplant ASR <= floor + 0.02 (every run)"] = all(a <= floor + 0.02 for a in asr)
-        checks["transplant accuracy drop <= 0.01 (every run)"] = all(d <= 0.01 + 1e-9 for d in drop)
-    if "clean-finetune" in strategies:
-        checks["clean-finetune leaves ASR >= 0.5 (mean)"] = statistics.mean(
-            m["after"]["clean-finetune"]["asr"] for _, m in rows) >= 0.5
-    print()
-    for name, ok in checks.items():
-        print(f"{'PASS' if ok else 'FAIL'}  {name}")
-    return 0 if all(ok for name, ok in checks.items() if "every run" not in name) else 1
+    meta = {r: (capture_precision(r), source_images(r)) for r in args.runs}
+    results: dict[str, Any] = {"floor_runs": [str(f) for f in args.floor], "floor_measured": bool(floors)}
+    for name, flags in variants.items():
+        rows = []
+        for run in args.runs:
+            out = args.out / name / run.name
+            done = args.reuse and (out / "metrics.json").is_file()
+            code = 0 if done else unlearn_main([str(run), "--out", str(out), "--quiet", "--oracle", *extra, *flags])
+            if code != 0:
+                sys.stdout.write(f"{run}: unlearn exited {code}; skipped\n")
+                continue
+            rows.append((run, json.loads((out / "metrics.json").read_text()), *meta[run]))
+        if rows:
+            results[name] = summarise(rows, floor)
+            sys.stdout.write(report(name, results[name]) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.attacks import AttackSpec, UpdateContext, attacks_this_round, build_attack
+from client.round_knowledge import round_knowledge
 from lab import log as lablog
+from lab.attack_triggers import trigger_for
 from lab.capture import evidence_path, write_evidence
 from lab.cohort import COHORT_KEY, arrays_key, metrics_key
 from lab.config import ExperimentConfig, from_run_config
-from lab.data import DataBundle, load_data, malicious_partitions, partition_indices
+from lab.data import DataBundle, load_data, malicious_partitions, partition_split
 from lab.records import ParamLayout
 from lab.task import (
     LocalHyperparams,
@@ -36,11 +38,11 @@ from lab.task import (
     derive_seed,
     generator,
     load_state,
+    seed_torch,
     set_threads,
     state_of,
     train_local,
 )
-from lab.triggers import make_trigger
 
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -95,7 +97,7 @@ def train(msg: Message, context: Context) -> Message:
     if cohort is None:  # Flower's way: this node's own partition
         partition_id = int(context.node_config["partition-id"])
         arrays, metrics = _train_partition(cfg, data, model, global_state, config, context.run_config, node_config,
-                                           partition_id, int(context.node_config["num-partitions"]))
+                                           partition_id, int(context.node_config["num-partitions"]), context.state)
         return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
     if set(node_config) != SIMULATED_NODE_CONFIG:
         # A deployed node holds one partition, its operator's: it trains nothing it was not given.
@@ -104,7 +106,7 @@ def train(msg: Message, context: Context) -> Message:
     for partition_id in cohort:  # type: ignore[union-attr]
         p = int(partition_id)
         arrays, metrics = _train_partition(cfg, data, model, global_state, config, context.run_config, node_config,
-                                           p, cfg.federated.num_clients)
+                                           p, cfg.federated.num_clients, context.state)
         content[arrays_key(p)] = arrays
         content[metrics_key(p)] = metrics
     return Message(content=content, reply_to=msg)
@@ -113,21 +115,24 @@ def train(msg: Message, context: Context) -> Message:
 def _train_partition(cfg: ExperimentConfig, data: DataBundle, model: torch.nn.Module,
                      global_state: dict[str, torch.Tensor], config: ConfigRecord, run_config: UserConfig,
                      node_config: dict[str, object], partition_id: int,
-                     num_partitions: int) -> tuple[ArrayRecord, MetricRecord]:
+                     num_partitions: int, memory: RecordDict) -> tuple[ArrayRecord, MetricRecord]:
     """One client's round, the same whether it has a message to itself or shares a cohort's."""
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     hp = LocalHyperparams.from_config(config)
-    local = data.train.subset(partition_indices(data.train.y, partition_id, num_partitions, cfg.federated, cfg.seed))
+    local = partition_split(data.train, partition_id, num_partitions, cfg.federated, cfg.seed)
     load_state(model, global_state)
     attack = None
-    if is_malicious(cfg, node_config, partition_id) and attacks_this_round(cfg, partition_id, server_round):
-        trigger = make_trigger(cfg.attack.trigger, *data.image_shape[1:])
-        attack = build_attack(AttackSpec(cfg.attack, trigger, cfg.dataset.target_class, cfg.dataset.source_class,
-                                         data.num_classes, local))
+    if is_malicious(cfg, node_config, partition_id):
+        # Every round, attacking or not: Neurotoxin's memory of the global model lives in `memory`.
+        knowledge = round_knowledge(cfg, memory, partition_id, server_round, model, global_state)
+        if attacks_this_round(cfg, partition_id, server_round):
+            trigger = trigger_for(cfg.attack, *data.image_shape[1:])
+            attack = build_attack(AttackSpec(cfg.attack, trigger, cfg.dataset.target_class, cfg.dataset.source_class,
+                                             data.num_classes, local, **knowledge))  # type: ignore[arg-type]
     gen = generator(cfg.seed, server_round, partition_id, "train")
     # Dropout draws from torch's global generator: seed it per client and round, so a client's update
     # does not depend on which clients its worker process trained before.
-    torch.manual_seed(derive_seed(cfg.seed, server_round, partition_id, "dropout"))
+    seed_torch(derive_seed(cfg.seed, server_round, partition_id, "dropout"))
     probe = bool(config.get("fixed-batch", False))
     stats = train_local(model, local, hp, gen, poison=attack.poison_batch if attack else None, fixed_batch=probe)
     if probe and stats.batch is not None and cfg.capture.evidence:

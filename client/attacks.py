@@ -19,6 +19,16 @@
   own honest update and the attack runs here with benign = own = that one update. Only ipm means
   something then (-epsilon * its own update); validation refuses the others, whose formulas need
   the spread of several updates.
+- The 2025 backdoors, each a `PixelBackdoor` with its own trigger: DBA (Xie et al., ICLR 2020,
+  "DBA: Distributed Backdoor Attacks against Federated Learning") gives attacker i part i mod k of
+  the global trigger (`Trigger.parts`; the server measures ASR with the whole one); Blended (Chen et
+  al. 2017, arXiv:1712.05526) stamps a fixed noise image at opacity `blend_alpha`; A3FL (Zhang et
+  al., NeurIPS 2023) optimises the trigger each round against the global model and an
+  adversarially adapted copy (`client.a3fl`). Neurotoxin (Zhang et al., ICML 2022) is the backdoor
+  with its update projected onto the coordinates the previous round's global change moved least
+  (`MaskProjection`, `lab.update_masks`). What they know of the round: `client.round_knowledge`.
+- Edge-case (Wang et al., NeurIPS 2020): out-of-distribution images (Fashion-MNIST, `lab.edge_case`)
+  labelled as the target mixed into every batch (`EdgeCasePoison`).
 
 Every behaviour implements `ClientAttack`; `build_attack` composes them from the config, through
 the `ATTACKS` registry. A malicious client sends the same reply shape as an honest one: it never
@@ -31,19 +41,37 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from byzantine.registry import MatrixAttack, build_matrix_attack
 from byzantine.schedule import attacks_this_round
+from client.a3fl import A3FLBudget, optimise_trigger
 from lab.config import AttackConfig
 from lab.data import Split
+from lab.edge_case import edge_case_images
 from lab.triggers import Trigger
+from lab.update_masks import least_changed_mask
 
 # attacks_this_round moved to byzantine.schedule (the server-side colluder needs it too); it is
 # re-exported here for client.app.
-__all__ = ["ATTACKS", "AttackSpec", "Boost", "ClientAttack", "Composite", "GaussianNoise", "LabelFlip",
-           "NormBound", "OwnUpdateAttack", "PixelBackdoor", "SignFlip", "UpdateContext", "attacks_this_round",
-           "build_attack"]
+__all__ = [
+    "ATTACKS",
+    "AttackSpec",
+    "Boost",
+    "ClientAttack",
+    "Composite",
+    "EdgeCasePoison",
+    "GaussianNoise",
+    "LabelFlip",
+    "MaskProjection",
+    "NormBound",
+    "OwnUpdateAttack",
+    "PixelBackdoor",
+    "SignFlip",
+    "UpdateContext",
+    "attacks_this_round",
+    "build_attack",
+]
 
 
 @dataclass(frozen=True)
@@ -144,6 +172,36 @@ class GaussianNoise(ClientAttack):
 
 
 @dataclass(frozen=True)
+class EdgeCasePoison(ClientAttack):
+    """Edge-case backdoor (Wang et al., NeurIPS 2020): round(ratio * B) samples of each batch (at least
+    one) replaced by random out-of-distribution images from `pool`, labelled `target`."""
+
+    pool: Tensor  # (P, C, H, W)
+    target: int
+    ratio: float
+
+    def poison_batch(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        if len(self.pool) == 0 or len(y) == 0:
+            return x, y
+        k = min(len(y), max(1, int(self.ratio * len(y) + 0.5)))
+        slots = torch.randperm(len(y), generator=gen)[:k]
+        x, y = x.clone(), y.clone()
+        x[slots] = self.pool[torch.randint(len(self.pool), (k,), generator=gen)].to(x.dtype)
+        y[slots] = self.target
+        return x, y
+
+
+@dataclass(frozen=True)
+class MaskProjection(ClientAttack):
+    """Neurotoxin's projection: the update with every coordinate outside `keep` set to zero."""
+
+    keep: Tensor  # (d,) bool
+
+    def transform_update(self, delta: Tensor, ctx: UpdateContext, gen: torch.Generator) -> Tensor:
+        return torch.where(self.keep, delta, torch.zeros_like(delta))
+
+
+@dataclass(frozen=True)
 class OwnUpdateAttack(ClientAttack):
     """An update-matrix attack with partial knowledge: the attacker knows its own honest update only."""
 
@@ -185,18 +243,55 @@ class AttackSpec:
     source: int | None
     num_classes: int
     local: Split | None = None  # the attacker's own training data
+    # What the 2025 backdoors know of the round (client.round_knowledge fills these in the ClientApp).
+    dba_rank: int = 0  # this attacker's index among the attackers: it plants part rank mod dba_parts
+    dba_parts: int = 2
+    global_model: nn.Module | None = None  # holds the round's global weights; A3FL reads it
+    global_change: Tensor | None = None  # (d,) the previous round's global change, for Neurotoxin
+    seed: int = 0  # A3FL's draws
+    batch_size: int = 32
+    lr: float = 0.05  # the local lr: A3FL adapts its copy of the global model with it
 
-    def source_pool(self) -> Tensor | None:
-        """The attacker's images that `append` copies: its source-class ones, or every non-target
-        one for an all-to-one backdoor."""
+    def eligible_local(self) -> Split | None:
+        """The attacker's samples the backdoor applies to: its source-class ones, or every
+        non-target one for an all-to-one backdoor."""
         if self.local is None:
             return None
         keep = self.local.y == self.source if self.source is not None else self.local.y != self.target
-        return self.local.x[keep]
+        return self.local.subset(torch.nonzero(keep).flatten())
+
+    def source_pool(self) -> Tensor | None:
+        """The images that `append` copies: `eligible_local`'s."""
+        eligible = self.eligible_local()
+        return None if eligible is None else eligible.x
 
 
-def _backdoor(s: AttackSpec) -> PixelBackdoor:
-    return PixelBackdoor(s.trigger, s.target, s.source, s.attack.poison_mode, s.attack.poison_ratio, s.source_pool())
+def _backdoor(s: AttackSpec, trigger: Trigger | None = None) -> PixelBackdoor:
+    return PixelBackdoor(s.trigger if trigger is None else trigger, s.target, s.source, s.attack.poison_mode, s.attack.poison_ratio,
+                         s.source_pool())
+
+
+def _dba(s: AttackSpec) -> tuple[ClientAttack, ...]:
+    return (_backdoor(s, s.trigger.parts(s.dba_parts)[s.dba_rank % s.dba_parts]),)
+
+
+def _neurotoxin(s: AttackSpec) -> tuple[ClientAttack, ...]:
+    """The backdoor, projected once the attacker knows a previous global change (from its 2nd round)."""
+    if s.global_change is None:
+        return (_backdoor(s),)
+    return (_backdoor(s), MaskProjection(least_changed_mask(s.global_change, s.attack.neurotoxin_topk)))
+
+
+def _a3fl(s: AttackSpec) -> tuple[ClientAttack, ...]:
+    eligible = s.eligible_local()
+    if s.global_model is None or eligible is None:
+        return (_backdoor(s),)
+    a = s.attack
+    budget = A3FLBudget(a.a3fl_trigger_steps, a.a3fl_trigger_lr, a.a3fl_adversary_steps, a.a3fl_adversary_weight,
+                        s.batch_size, s.lr)
+    gen = torch.Generator().manual_seed(s.seed)
+    trigger = optimise_trigger(s.global_model, s.trigger, eligible.x, eligible.y, s.target, budget, gen)
+    return (_backdoor(s, trigger),)
 
 
 def _matrix(s: AttackSpec) -> tuple[ClientAttack, ...]:
@@ -219,6 +314,12 @@ ATTACKS: dict[str, Callable[[AttackSpec], Sequence[ClientAttack]]] = {
     "min-sum": _matrix,
     "alie": _matrix,
     "ipm": _matrix,
+    "dba": _dba,
+    "blended": lambda s: (_backdoor(s),),  # s.trigger is the blended one (lab.triggers.trigger_for)
+    "neurotoxin": _neurotoxin,
+    "a3fl": _a3fl,
+    "edge-case": lambda s: (EdgeCasePoison(edge_case_images(s.attack, s.trigger.mask.shape[0], "train"), s.target,
+                                           s.attack.poison_ratio),),
 }
 
 

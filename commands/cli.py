@@ -24,7 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from commands.console import guarded, progress_printer, say
-from commands.preflight import check_experiment, load_dataset, rule_problems, run_dir_problem
+from commands.preflight import (
+    check_experiment,
+    load_dataset,
+    rule_problems,
+    run_dir_problem,
+)
 from commands.tools import TOOLS, invert
 from lab import log as lablog
 from lab.config import ExperimentConfig
@@ -81,7 +86,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     problems: list[str] = []
     checked = set()
     for s in settings:  # every distinct rule and every run folder is checked before the first run starts
-        key = (s.cfg.federated.aggregator.name, repr(s.cfg.federated.aggregator.params), s.cfg.federated.round_size)
+        agg = s.cfg.federated.aggregator
+        key = (agg.name, repr(agg.params), repr(agg.pre), s.cfg.federated.round_size)
         if key not in checked:
             checked.add(key)
             problems += [f"[{', '.join(label for _, label in s.labels)}] {p}" for p in rule_problems(s.cfg)]

@@ -14,10 +14,11 @@ section, and its optional `label` names it in the tables:
       attack.poison_ratio: [0.5, 1.0]
 
 Writes `results.csv`, `results.md` (one row per setting: clean accuracy, ASR, ASR floor, detection
-F1, seconds per round, averaged over seeds with their spread) and `plots/*.png`. Finished runs are
-kept: re-running the sweep skips every run folder that already has its summary.json and was run
-with the same training config (`same_run`). The simulations share one SuperLink and one Ray head
-(`shared_simulation`, FLWR_HOME and logs in the sweep folder) instead of starting both per run.
+F1 and AUC (`lab.detection`), seconds per round, averaged over seeds with their spread) and
+`plots/*.png`. Finished runs are kept: re-running the sweep skips every run folder that already
+has its summary.json and was run with the same training config (`same_run`). The simulations share
+one SuperLink and one Ray head (`shared_simulation`, FLWR_HOME and logs in the sweep folder)
+instead of starting both per run.
 """
 
 from __future__ import annotations
@@ -311,6 +312,7 @@ def result_row(setting: Setting, summary: Mapping[str, Any], metrics: list[dict[
         "asr": summary["final_asr"],
         "asr_floor": summary.get("asr_floor"),
         "detection_f1": det.get("f1"),
+        "detection_auc": det.get("auc"),  # pooled ROC AUC of the rule's suspicion (lab.detection)
         "seconds_per_round": statistics.mean(r["round_seconds"] for r in rounds[1:]) if len(rounds) > 1 else None,
         "attack_type": setting.cfg.attack.type,
         "rule": setting.cfg.federated.aggregator.name,
@@ -350,16 +352,18 @@ def results_markdown(name: str, rows: list[dict[str, Any]]) -> str:
     if not rows:
         return f"# {name}\n\n(no runs)\n"
     label_keys = [k for k in rows[0] if k not in {"seed", "accuracy", "asr", "asr_floor", "detection_f1",
-                                                   "seconds_per_round", "attack_type", "rule", "run"}]
+                                                   "detection_auc", "seconds_per_round", "attack_type", "rule",
+                                                   "run"}]
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(_group_key(r, label_keys), []).append(r)
-    head = [*label_keys, "seeds", "accuracy", "ASR", "ASR floor", "detection F1", "s/round"]
+    head = [*label_keys, "seeds", "accuracy", "ASR", "ASR floor", "detection F1", "detection AUC", "s/round"]
     lines = [f"# {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, rs in groups.items():
         lines.append("| " + " | ".join([*map(str, key), str(len(rs)), _stat(rs, "accuracy"), _stat(rs, "asr"),
                                          _stat(rs, "asr_floor"), _stat(rs, "detection_f1"),
-                                         _stat(rs, "seconds_per_round", "{:.2f}")]) + " |")
+                                         _stat(rs, "detection_auc"), _stat(rs, "seconds_per_round", "{:.2f}")])
+                     + " |")
     return "\n".join(lines) + "\n"
 
 

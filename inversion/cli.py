@@ -126,8 +126,17 @@ def run(args: argparse.Namespace) -> int:
         for row in rows:
             with entry_bar(row.id, args.quiet) as progress:
                 results.append(invert_one(cfg, args, row, tools, outs[row.id], progress))
-    sys.stdout.write(table(results) + "\n")
+    sys.stdout.write(table(results) + "\n" + capture_line(results) + "\n")
     return 0
+
+
+def capture_line(results: list[dict[str, Any]]) -> str:
+    """How the inverted entries were chosen; the ground-truth capture is flagged as an upper bound."""
+    modes = sorted({str((m.get("capture") or {}).get("mode", "unknown")) for m in results})
+    bound = any((m.get("capture") or {}).get("upper_bound") for m in results)
+    return (f"capture: {', '.join(modes)}"
+            + (" -- UPPER BOUND: the attackers were picked by ground truth, which a real server cannot know"
+               if bound else " (chosen by what the server itself saw)"))
 
 
 def table(results: list[dict[str, Any]]) -> str:

@@ -21,7 +21,13 @@ from inversion.attacks import invert_entry
 from inversion.metrics import score
 from inversion.types import Reconstruction
 from lab.artifacts import atomic_write_bytes, load_tensors, save_tensors, write_json
-from lab.capture import CapturedUpdate, read_entry, read_evidence
+from lab.capture import (
+    CapturedUpdate,
+    capture_selection,
+    read_entry,
+    read_evidence,
+    stamped,
+)
 from lab.config import ExperimentConfig
 from lab.data import DataBundle, load_data
 from lab.errors import CaptureError
@@ -125,7 +131,8 @@ def invert_one(cfg: ExperimentConfig, args: argparse.Namespace, item: ManifestEn
                          progress=progress, iterations=args.iterations or cfg.inversion.iterations,
                          restarts=args.restarts or cfg.inversion.restarts, tv=args.tv or cfg.inversion.tv,
                          seed=args.seed, device=getattr(args, "device", None) or cfg.execution.device)
-    return write_outputs(cfg, item.id, entry, recon, evidence, tools.judge, out)
+    return write_outputs(cfg, item.id, entry, recon, evidence, tools.judge, out,
+                         capture_selection(item.row, cfg.capture.clients))
 
 
 def _check_labels(labels: torch.Tensor | None, num_classes: int, where: str) -> None:
@@ -135,7 +142,7 @@ def _check_labels(labels: torch.Tensor | None, num_classes: int, where: str) -> 
 
 def write_outputs(cfg: ExperimentConfig, entry_id: str, entry: CapturedUpdate, recon: Reconstruction,
                   evidence: tuple[torch.Tensor, torch.Tensor] | None, judge: torch.nn.Module | None,
-                  out: Path) -> dict[str, Any]:
+                  out: Path, selection: dict[str, Any] | None = None) -> dict[str, Any]:
     save_tensors(out / "recon.safetensors", {"images": recon.images, "labels": recon.labels},
                  {"entry": entry_id, "attack": recon.attack})
     metrics: dict[str, Any] = {
@@ -145,6 +152,7 @@ def write_outputs(cfg: ExperimentConfig, entry_id: str, entry: CapturedUpdate, r
         "trigger_contrast": None, "loss": recon.loss, "iterations": recon.iterations,
         "seconds": recon.seconds, "restart_losses": list(recon.restart_losses), "interrupted": recon.interrupted,
         "labels": recon.labels.tolist(),
+        "capture": selection,
     }
     rows = [("reconstruction", recon.images)]
     if evidence is not None:
@@ -152,6 +160,13 @@ def write_outputs(cfg: ExperimentConfig, entry_id: str, entry: CapturedUpdate, r
         s = score(recon.images, truth, recon.labels, true_labels)
         metrics.update(s.summary())
         metrics["psnr_per_image"] = s.psnr.tolist()
+        if cfg.attack.plants_trigger:  # scoring only: poisoned and clean images apart
+            trig = make_trigger(cfg.attack.trigger, *truth.shape[-2:])
+            poisoned = stamped(truth[s.cols], trig)
+            metrics["poisoned_per_image"] = poisoned.tolist()
+            for name, rows_of in (("poisoned", poisoned), ("clean", ~poisoned)):
+                metrics[f"psnr_{name}"] = float(s.psnr[rows_of].mean()) if bool(rows_of.any()) else None
+                metrics[f"ssim_{name}"] = float(s.ssim[rows_of].mean()) if bool(rows_of.any()) else None
         rows.append(("ground truth", truth[s.cols]))
         rows[0] = ("reconstruction", recon.images[s.rows])
     if judge is not None:

@@ -232,3 +232,30 @@ def probe_update(model: nn.Module, images: Tensor, labels: Tensor, hp: LocalHype
         opt.step()
     after = net.state_dict()
     return {k: (after[k] - v) if v.is_floating_point() else torch.zeros_like(v) for k, v in before.items()}
+
+
+UPPER_BOUND_NOTE = "UPPER BOUND: attackers picked by ground truth, which a real server cannot know"
+
+
+def capture_selection(row: Mapping[str, Any], clients: object) -> dict[str, Any]:
+    """How a manifest row's entry was chosen (its `selection`, else the run's `capture.clients`).
+
+    Every inversion and unlearning output carries this, so a result that rests on the ground-truth
+    capture (`malicious`) says it is an upper bound wherever it is read.
+    """
+    chosen = row.get("selection")
+    if isinstance(chosen, Mapping):
+        return dict(chosen)
+    mode = clients if isinstance(clients, str) else "listed"
+    out: dict[str, Any] = {"mode": mode, "upper_bound": mode == "malicious"}
+    if mode == "malicious":
+        out["note"] = UPPER_BOUND_NOTE
+    return out
+
+
+def stamped(images: Tensor, trigger: Any, tolerance: float = 0.1) -> Tensor:
+    """SCORING ONLY: (B,) bool, which of `images` (B, C, H, W) carry `trigger` (a `lab.triggers.Trigger`):
+    the mean |image - pattern| over the mask is below `tolerance`."""
+    m = trigger.mask.to(images.dtype)
+    diff = ((images - trigger.pattern.to(images.dtype)).abs() * m).sum((-1, -2)).mean(-1)  # (B,)
+    return diff / m.sum().clamp_min(1) < tolerance

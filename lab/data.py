@@ -149,6 +149,7 @@ _SPLITS: dict[int, tuple[weakref.ref[Tensor], dict[tuple[object, ...], tuple[Ten
 def clear_partition_caches() -> None:
     """Forget every split computed in this process (tests: recompute as another process would)."""
     _SPLITS.clear()
+    _KEPT.clear()
 
 
 def _split_of(labels: Tensor, num_partitions: int, fed: FederatedConfig, seed: int,
@@ -166,6 +167,36 @@ def _split_of(labels: Tensor, num_partitions: int, fed: FederatedConfig, seed: i
             parts = [torch.tensor(p, dtype=torch.int64) for p in rows]
         entry[1][setting] = tuple(parts)
     return entry[1][setting]
+
+
+# A worker trains the same clients round after round: their images are copied out of the training
+# set once and kept (as the compute floor keeps them, bench/plain_fedavg/plainapp/floor.py), not
+# once per client per round (~1 ms each at 600 Fashion-MNIST images, bench/RESULTS.md, issue 15),
+# up to this many bytes per process; past it a partition is copied afresh each time.
+MAX_KEPT_PARTITION_BYTES = 512 << 20
+_KEPT: dict[int, tuple[weakref.ref[Tensor], dict[tuple[object, ...], Split]]] = {}
+
+
+def partition_split(split: Split, partition_id: int, num_partitions: int, fed: FederatedConfig, seed: int,
+                    num_classes: int = 10) -> Split:
+    """`split.subset(partition_indices(split.y, ...))`, kept for the life of `split` (within
+    `MAX_KEPT_PARTITION_BYTES` per process). Callers must not write into it: it is shared by
+    every round of that client in this process."""
+    entry = _KEPT.get(id(split.x))
+    if entry is None or entry[0]() is not split.x:
+        for dead in [k for k, (ref, _) in _KEPT.items() if ref() is None]:
+            del _KEPT[dead]
+        entry = (weakref.ref(split.x), {})
+        _KEPT[id(split.x)] = entry
+    key = (id(split.y), partition_id, num_partitions, fed.partitioning, fed.bias_h, fed.dirichlet_alpha, seed,
+           num_classes)
+    if key in entry[1]:
+        return entry[1][key]
+    part = split.subset(partition_indices(split.y, partition_id, num_partitions, fed, seed, num_classes))
+    kept = sum(p.x.nbytes + p.y.nbytes for e in _KEPT.values() for p in e[1].values())
+    if kept + part.x.nbytes + part.y.nbytes <= MAX_KEPT_PARTITION_BYTES:
+        entry[1][key] = part
+    return part
 
 
 def partition_sizes(labels: Tensor, num_partitions: int, fed: FederatedConfig, seed: int,

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 DatasetName = Literal["digits", "mnist", "fashion-mnist", "emnist-digits", "cifar10"]
 AttackType = Literal["none", "backdoor", "scaling", "label-flip", "sign-flip", "gaussian-noise",
-                     "trim-attack", "krum-attack", "min-max", "min-sum", "alie", "ipm"]
+                     "trim-attack", "krum-attack", "min-max", "min-sum", "alie", "ipm",
+                     "dba", "blended", "neurotoxin", "a3fl", "edge-case"]
 # Attacks computed over the update matrix (byzantine/); the others poison data or transform the
 # attacker's own update in the ClientApp.
 UPDATE_MATRIX_ATTACKS = frozenset({"trim-attack", "krum-attack", "min-max", "min-sum", "alie", "ipm"})
@@ -38,9 +39,18 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class PreAggregatorConfig:
+    name: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     name: str = "fedavg"
     params: Mapping[str, Any] = field(default_factory=dict)
+    # Pre-aggregators applied in order before the rule (strategies.pre_aggregation): `[nnm]` or
+    # `[{name: nnm, params: {f: 2}}]`; names and parameters are checked by strategies.registry.
+    pre: tuple[str | PreAggregatorConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,16 @@ class AttackConfig:
     alie_z: float | None = None  # alie: mu - z * sigma; None = Baruch et al.'s z_max from n and f
     ipm_epsilon: float = 0.5  # ipm: -epsilon * mean of the benign updates
     minmax_perturbation: Perturbation = "unit-vec"  # min-max / min-sum: the direction grad_p
+    # The 2025 backdoors (client/attacks.py): DBA's parts of the global trigger (None = one per
+    # attacker), Blended's opacity, Neurotoxin's excluded share of coordinates, A3FL's budget.
+    dba_parts: int | None = None
+    blend_alpha: float = 0.2  # Chen et al. 2017: alpha_train = 0.2
+    neurotoxin_topk: float = 0.05  # the top 5% most-changed coordinates are left alone (mask ratio 0.95)
+    a3fl_trigger_steps: int = 10  # signed-gradient steps on the trigger per round
+    a3fl_trigger_lr: float = 0.05  # step size in pixel units ([0, 1] images)
+    a3fl_adversary_steps: int = 5  # SGD steps that adapt the global copy to unlearn the trigger
+    a3fl_adversary_weight: float = 1.0  # lambda: the adapted model's share of the trigger loss
+    edge_case_class: int = 1  # edge-case: the Fashion-MNIST class (1 = trouser) labelled as the target
 
     @property
     def ratios(self) -> tuple[float, ...]:
@@ -123,8 +143,10 @@ class AttackConfig:
 
     @property
     def plants_trigger(self) -> bool:
-        """Does the attack stamp the trigger (the backdoor, and Scaling, which is a boosted backdoor)?"""
-        return self.type in ("backdoor", "scaling")
+        """Does the attack stamp `trigger` as configured (the backdoor, Scaling, which is a boosted
+        backdoor, DBA, whose parts add up to it, and Neurotoxin)? Blended stamps a full-image pattern
+        and A3FL optimises the pattern inside the trigger's box."""
+        return self.type in ("backdoor", "scaling", "dba", "neurotoxin")
 
     @property
     def resolved_knowledge(self) -> Literal["full", "partial"] | None:
@@ -149,7 +171,11 @@ class ProbeConfig:
 class CaptureConfig:
     enabled: bool = False
     rounds: tuple[int, ...] = ()
-    clients: Literal["all", "malicious"] | tuple[int, ...] = "malicious"
+    # suspects (honest): the server's own top_k suspects (the rule's drops and suspicion, else the
+    # similarity of update histories); all (honest); a list of partitions; malicious: ground truth,
+    # an UPPER BOUND a real server cannot run, marked as such in every output.
+    clients: Literal["suspects", "all", "malicious"] | tuple[int, ...] = "suspects"
+    top_k: int = 3  # how many suspects `suspects` captures
     probe: ProbeConfig | None = None
     max_bytes: int = 200_000_000
     evidence: bool = False  # simulation only: store the exact images used, for scoring

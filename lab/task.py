@@ -79,6 +79,16 @@ def generator(*parts: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
+def seed_torch(seed: int) -> None:
+    """Seed the generators that dropout and other implicit draws use: the CPU's, and CUDA's once
+    CUDA is in use. `torch.manual_seed` does the same, but while CUDA is not initialised it queues
+    lazy CUDA, XPU and MTIA seedings, each with a captured stack trace: ~1 ms a call, paid once per
+    client per round (bench/RESULTS.md, issue 15)."""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+
+
 def set_threads(num_threads: int) -> None:
     """torch's intra-op threads, never more than the cores this process may use: an OpenMP thread
     without a core of its own spin-waits on the others (2 threads on 1 free core: a step 6x slower)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 
+from lab.backdoor_validation import backdoor_problems
 from lab.schema import UPDATE_MATRIX_ATTACKS, DatasetConfig, ExperimentConfig
 
 NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "emnist-digits": 10, "cifar10": 10}
@@ -92,6 +93,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         need(a.end_round >= a.start_round, "attack.end_round", "must be >= start_round")
     need(0 < a.poison_ratio <= 1, "attack.poison_ratio", "must be in (0, 1]")
     p.extend(_byzantine_problems(cfg))
+    p.extend(backdoor_problems(cfg))
     need(a.boost == "auto" or (isinstance(a.boost, float) and a.boost > 0), "attack.boost",
          "must be > 0 or 'auto'")
     if a.norm_bound is not None:
@@ -112,6 +114,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         for i, pid in enumerate(c.clients):
             need(0 <= pid < f.num_clients, f"capture.clients[{i}]", f"no partition {pid}")
     need(c.max_bytes > 0, "capture.max_bytes", "must be > 0")
+    need(c.top_k >= 1, "capture.top_k", "must be >= 1")
     if c.enabled:
         need(bool(c.rounds), "capture.rounds", "capture is enabled but no rounds are listed")
     if c.probe is not None:

@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import Strategy
 
 from byzantine.collusion import build_colluder
 from lab import log as lablog
+from lab.attack_triggers import trigger_for
 from lab.cohort import RUN_CONFIG_KEY as COHORT_SIZE
 from lab.config import ExperimentConfig, from_run_config
 from lab.data import DataBundle, load_data, malicious_partitions, partition_sizes
@@ -31,12 +32,11 @@ from lab.task import (
     state_of,
     train_local,
 )
-from lab.triggers import make_trigger
 from server.capture import CapturePlan, CaptureUpdates
 from server.recorder import RunRecorder
 from strategies.flower import RobustFedAvg, ShiftRounds
 from strategies.registry import build_aggregator
-from strategies.types import AggregatorContext, Checkpointable
+from strategies.types import AggregatorContext, Checkpointable, ModelSpec
 
 log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -99,9 +99,11 @@ def main(grid: Grid, context: Context) -> None:
     hp = LocalHyperparams.of(cfg)
     all_examples = examples_per_client(cfg, data) if cfg.federated.fedavg_divisor == "total" else None
     ctx = AggregatorContext(layout=layout, clients_per_round=cfg.federated.round_size, seed=cfg.seed,
-                            output_slice=layout.output_slice(), all_examples=all_examples)
-    aggregator = build_aggregator(cfg.federated.aggregator.name, dict(cfg.federated.aggregator.params), ctx)
-    trigger = make_trigger(cfg.attack.trigger, *data.image_shape[1:])
+                            output_slice=layout.output_slice(), all_examples=all_examples,
+                            model=ModelSpec(lambda: build_for(cfg, data).cpu(), data.image_shape, data.num_classes))
+    aggregator = build_aggregator(cfg.federated.aggregator.name, dict(cfg.federated.aggregator.params), ctx,
+                                  pre=cfg.federated.aggregator.pre)
+    trigger = trigger_for(cfg.attack, *data.image_shape[1:])  # the full trigger (DBA's union, Blended's blend)
     stateful = aggregator if isinstance(aggregator, Checkpointable) else None
     malicious = ground_truth(run_config, cfg)
     recorder = RunRecorder(out, cfg, data, build_for(cfg, data), trigger, malicious,

@@ -13,6 +13,12 @@ the probe goes to the whole round, like a real FedSGD round would.
 
 An entry is filed under the partition its node holds (`strategies.replies.IdentityBook`, shared
 with `RobustFedAvg` so both agree), never under a partition a reply merely claims.
+
+Whom to keep (`capture.clients`): `suspects` (the default) keeps the `top_k` clients the server
+itself suspects (`server.suspects.SuspectBook`: the rule's drops, its suspicion, the similarity of
+update histories), decided after the round's aggregation so the rule's verdict on this round counts;
+`all` keeps everyone; a list keeps those partitions. `malicious` keeps the attackers by their true
+identity, which no real server knows: an UPPER BOUND, and every manifest row says so.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from lab.artifacts import append_jsonl, read_jsonl
-from lab.capture import CapturedUpdate, evidence_path, write_entry
+from lab.artifacts import append_jsonl, read_jsonl, write_json
+from lab.capture import UPPER_BOUND_NOTE, CapturedUpdate, evidence_path, write_entry
 from lab.config import CaptureConfig
 from lab.errors import LabError
 from lab.task import LocalHyperparams
+from server.suspects import SuspectBook
 from strategies.flower import to_tensors
 from strategies.inbox import ClientReply, open_replies
 from strategies.replies import IdentityBook, read_examples
@@ -48,11 +55,23 @@ class CapturePlan:
     probe: LocalHyperparams | None
     max_bytes: int
     image_shape: tuple[int, int, int]
+    mode: str = "listed"  # suspects | all | malicious | listed
+    top_k: int = 3
+
+    @property
+    def selection(self) -> dict[str, object]:
+        """How the entries were chosen, for every manifest row (the upper bound says so)."""
+        if self.mode == "malicious":
+            return {"mode": "malicious", "upper_bound": True, "note": UPPER_BOUND_NOTE}
+        return {"mode": self.mode, "upper_bound": False, **({"top_k": self.top_k} if self.mode == "suspects" else {})}
 
     @classmethod
     def of(cls, cfg: CaptureConfig, base: LocalHyperparams, malicious: frozenset[int],
            image_shape: tuple[int, int, int]) -> CapturePlan:
-        if cfg.clients == "all":
+        if cfg.top_k < 1:
+            raise LabError(f"capture.top_k must be >= 1, got {cfg.top_k}")
+        mode = cfg.clients if isinstance(cfg.clients, str) else "listed"
+        if cfg.clients in ("all", "suspects"):  # suspects: chosen after the round (`CaptureUpdates`)
             select: Callable[[int], bool] = lambda p: True
         elif cfg.clients == "malicious":
             # The lab's experiment bookkeeping picks whom to record; the capture never affects training.
@@ -63,7 +82,16 @@ class CapturePlan:
         if cfg.probe is not None:
             probe = LocalHyperparams(epochs=1, steps=cfg.probe.local_steps, batch_size=cfg.probe.batch_size,
                                      lr=cfg.probe.lr, momentum=base.momentum, weight_decay=base.weight_decay)
-        return cls(frozenset(cfg.rounds), select, probe, cfg.max_bytes, image_shape)
+        return cls(frozenset(cfg.rounds), select, probe, cfg.max_bytes, image_shape, mode, cfg.top_k)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    node: int
+    partition: int
+    num_examples: int
+    global_state: dict[str, torch.Tensor]
+    update: dict[str, torch.Tensor]
 
 
 class CaptureUpdates(Strategy):
@@ -85,6 +113,21 @@ class CaptureUpdates(Strategy):
         self.full = False
         self._sent: dict[int, tuple[dict[str, object], LocalHyperparams]] = {}
         self._global: ArrayRecord | None = None
+        self.book = SuspectBook() if plan.mode == "suspects" else None
+        self._probing = False
+        if self.book is not None and hasattr(inner, "on_round"):
+            # The rule's verdicts reach the book through the inner strategy's own per-round
+            # callback (chained, so the recorder still gets every round).
+            previous = inner.on_round
+
+            def observe(decisions: object) -> None:
+                if not self._probing and self.book is not None:
+                    self.book.observe_decisions(getattr(decisions, "partitions", []), getattr(decisions, "dropped", None),
+                                                getattr(decisions, "suspicion", None))
+                if previous is not None:
+                    previous(decisions)
+
+            inner.on_round = observe
 
     def summary(self) -> None:
         self.inner.summary()
@@ -111,14 +154,27 @@ class CaptureUpdates(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        if server_round in self.plan.rounds and not self.full:
-            self._capture(server_round, replies)
-        return self.inner.aggregate_train(server_round, replies)
+        capture = server_round in self.plan.rounds and not self.full
+        self._probing = server_round in self.plan.rounds and self.plan.probe is not None
+        pending = self._collect(server_round, replies) if capture else []
+        if self.book is not None and not self._probing:
+            self._observe(pending or self._collect(server_round, replies, quiet=True))
+        result = self.inner.aggregate_train(server_round, replies)  # may pop arrays: read first
+        if capture:
+            self._write(server_round, pending)
+        return result
 
-    def _capture(self, server_round: int, replies: list[Message]) -> None:
+    def _observe(self, pending: list[_Pending]) -> None:
+        assert self.book is not None
+        self.book.observe_updates({p.partition: torch.cat([u.flatten() for u in p.update.values() if u.is_floating_point()])
+                                   for p in pending})
+
+    def _collect(self, server_round: int, replies: list[Message], quiet: bool = False) -> list[_Pending]:
+        """Each selectable reply's update (reply - global), before the inner strategy sees it."""
         assert self._global is not None
         global_state = to_tensors(self._global)
         clients, _ = self.read_replies(replies)  # the failures are the aggregation's to report
+        pending = []
         for reply in clients:
             node, partition = reply.node_id, reply.partition
             if not self.plan.select(partition):
@@ -131,8 +187,29 @@ class CaptureUpdates(Strategy):
                 update = {k: state[k] - v if v.is_floating_point() else torch.zeros_like(v)
                           for k, v in global_state.items()}
             except (LabError, KeyError, RuntimeError, TypeError, ValueError) as exc:
-                log.warning("round %d: not capturing node %s (%s)", server_round, node, exc)
+                if not quiet:
+                    log.warning("round %d: not capturing node %s (%s)", server_round, node, exc)
                 continue
+            pending.append(_Pending(int(node), partition, num_examples, global_state, update))
+        return pending
+
+    def _write(self, server_round: int, pending: list[_Pending]) -> None:
+        selection: dict[int, dict[str, object]] = {p.partition: {} for p in pending}
+        if self.book is not None:
+            partitions = [p.partition for p in pending]
+            scores = self.book.scores(partitions)
+            ranked = self.book.rank(partitions)
+            selection = {p: {"suspect_rank": i + 1, **scores[p]} for i, p in enumerate(ranked[: self.plan.top_k])}
+            log.info("round %d: capturing the server's top-%d suspects %s", server_round, self.plan.top_k,
+                     ranked[: self.plan.top_k])
+            # Every client's scores, not only the kept ones: how far the suspects stood out.
+            write_json(self.out_dir / f"suspects_round_{server_round:04d}.json",
+                       {"round": server_round, "top_k": self.plan.top_k, "ranking": ranked,
+                        "scores": {str(p): v for p, v in scores.items()}})
+            pending = sorted((p for p in pending if p.partition in selection),
+                             key=lambda p: selection[p.partition]["suspect_rank"])  # type: ignore[arg-type,return-value]
+        for item in pending:
+            node, partition, global_state = item.node, item.partition, item.global_state
             size = 2 * sum(t.numel() * t.element_size() for t in global_state.values())
             if self.written + size > self.plan.max_bytes:
                 log.warning("capture budget of %d bytes reached: capturing stops (%d bytes written)",
@@ -144,7 +221,7 @@ class CaptureUpdates(Strategy):
                 continue
             entry_id = f"round_{server_round:04d}/partition_{partition:03d}"
             path = self.out_dir / f"{entry_id}.safetensors"
-            write_entry(path, CapturedUpdate(global_state, update, num_examples,
+            write_entry(path, CapturedUpdate(global_state, item.update, item.num_examples,
                                              server_round, int(node), partition, hp,
                                              image_shape=self.plan.image_shape))
             size = path.stat().st_size
@@ -152,10 +229,11 @@ class CaptureUpdates(Strategy):
             evidence = evidence_path(self.out_dir, server_round, partition)
             append_jsonl(self.out_dir / "manifest.jsonl", {
                 "id": entry_id, "file": f"{entry_id}.safetensors", "round": server_round, "node_id": int(node),
-                "partition_id": partition, "num_examples": num_examples,
+                "partition_id": partition, "num_examples": item.num_examples,
                 "hyperparams": {k: v for k, v in sent.items() if k != "server-round"},
                 "probe": bool(sent.get("fixed-batch", False)), "bytes": size,
                 "evidence": str(evidence.relative_to(self.out_dir)) if evidence.exists() else None,
+                "selection": {**self.plan.selection, **selection[partition]},
             })
             log.info("captured %s (%d bytes)", entry_id, size)
 

@@ -8,6 +8,13 @@ JSON: a NaN or infinite value is written as null and named under "nonfinite" (`f
 Central evaluation runs every `training.eval_every` rounds, always on round 0 and the last round;
 the other rounds still write their metrics.jsonl line (accuracy, loss, asr and source_accuracy
 null) and their checkpoint. summary.json's `settings` names the federation settings the run used.
+
+Detection (`lab.detection`): each round's line carries `detection` = the precision/recall/F1 of the
+rule's drops and clips (null for rules that neither drop nor clip), `scores` = the rule's suspicion
+{partition: score} and `auc` = that round's ROC AUC; the summary pools them (`auc`,
+`rounds_to_detect`, `false_alarm_rate`) and `rule_cost` sums up the aggregator's seconds and peak
+memory per round. Every summary number is derived from the metrics lines (`_account`), the same
+way live and after a resume.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +42,14 @@ from lab.artifacts import (
 )
 from lab.config import ExperimentConfig, dump_yaml
 from lab.data import DataBundle
+from lab.detection import (
+    RoundEvidence,
+    evidence_of,
+    false_alarm_rate,
+    pooled_auc,
+    round_auc,
+    rounds_to_detect,
+)
 from lab.metrics import Detection, detection, evaluate, pooled_detection
 from lab.task import load_state
 from lab.triggers import Trigger
@@ -41,6 +57,7 @@ from strategies.flower import RoundDecisions
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("accuracy", "loss", "asr", "source_accuracy")  # central evaluation's, null when not evaluated
+DETECTION_KEYS = ("precision", "recall", "f1", "tp", "fp", "fn")  # `lab.metrics.Detection`
 
 
 def evaluates(cfg: ExperimentConfig, server_round: int) -> bool:
@@ -73,6 +90,8 @@ class RunRecorder:
         self._round_started = self.started
         self._pending: RoundDecisions | None = None
         self._detections: list[Detection] = []
+        self._evidence: list[RoundEvidence] = []
+        self._costs: list[tuple[float, float | None]] = []  # (rule seconds, rule peak MB) per round
         self.last: dict[str, object] = {}
         self.evaluated: dict[str, object] = {}  # the last row with central evaluation
         self.extra_settings: dict[str, object] = {}  # settings the server derives (fedavg total weight)
@@ -107,7 +126,8 @@ class RunRecorder:
         if start == 0:
             log.info("resume: no checkpoint with a metrics line in %s; starting from round 1", out)
             return 0, None
-        self._detections = [Detection(**r["detection"]) for r in kept if r.get("detection")]
+        for r in kept:
+            self._account(r)
         self.last = kept[-1]
         self.evaluated = next((r for r in reversed(kept) if r.get("accuracy") is not None), {})
         self.started = time.time() - float(kept[-1].get("seconds", 0.0))
@@ -156,12 +176,10 @@ class RunRecorder:
             participants = set(decisions.partitions)
             row["malicious"] = sorted(self.malicious & participants)
             row.update(decisions.as_metrics())
-            flagged = self._flagged(decisions)
-            if flagged is not None and self.malicious is not None:
-                det = detection(flagged, set(self.malicious), participants)
-                self._detections.append(det)
-                row["detection"] = det.as_dict()
-        append_jsonl(self.out_dir / "metrics.jsonl", finite_record(row), allow_nan=False)
+            row["detection"] = self._detection(decisions, participants)
+        record = finite_record(row)
+        self._account(record)  # as written: the same numbers a resume reads back
+        append_jsonl(self.out_dir / "metrics.jsonl", record, allow_nan=False)
         every = self.cfg.execution.checkpoint_every
         if server_round > 0 and (server_round % every == 0 or server_round == self.cfg.training.rounds):
             if self.aggregator_state is not None:
@@ -182,6 +200,44 @@ class RunRecorder:
                  ev.accuracy, asr, ev.loss)
         return {k: float(v) for k, v in values.items() if v is not None}
 
+    def _detection(self, decisions: RoundDecisions, participants: set[int]) -> dict[str, object]:
+        """The round's `detection` block: drop/clip precision-recall-F1, suspicion scores, AUC."""
+        flagged = self._flagged(decisions)
+        det = None if flagged is None else detection(flagged, set(self.malicious), participants).as_dict()
+        scores = decisions.suspicion
+        return {**(det or dict.fromkeys(DETECTION_KEYS)), "scores": scores,
+                "auc": None if scores is None else round_auc(scores, self.malicious)}
+
+    def _account(self, row: dict[str, object]) -> None:
+        """Add one metrics line (written now, or read back on resume) to what the summary pools."""
+        evidence = evidence_of(row)
+        if evidence is None:
+            return
+        self._evidence.append(evidence)
+        det: dict[str, Any] = row["detection"]  # type: ignore[assignment]  # evidence_of checked it
+        if det.get("tp") is not None:
+            self._detections.append(Detection(**{k: det[k] for k in DETECTION_KEYS}))
+        if row.get("rule_seconds") is not None:
+            peak = row.get("rule_peak_mb")
+            self._costs.append((float(row["rule_seconds"]), None if peak is None else float(peak)))  # type: ignore[arg-type]
+
+    def _pooled_detection(self) -> dict[str, object] | None:
+        if not self._evidence:
+            return None
+        pooled = pooled_detection(self._detections).as_dict() if self._detections else dict.fromkeys(DETECTION_KEYS)
+        first = rounds_to_detect(self._evidence, self.malicious)
+        return {**pooled, "auc": pooled_auc(self._evidence, self.malicious),
+                "rounds_to_detect": {str(p): r for p, r in first.items()},
+                "false_alarm_rate": false_alarm_rate(self._evidence, self.malicious)}
+
+    def _rule_cost(self) -> dict[str, float | None] | None:
+        if not self._costs:
+            return None
+        seconds = [c[0] for c in self._costs]
+        peaks = [c[1] for c in self._costs if c[1] is not None]
+        return {"seconds_mean": sum(seconds) / len(seconds), "seconds_max": max(seconds),
+                "peak_mb_max": max(peaks) if peaks else None, "rounds": len(seconds)}
+
     @staticmethod
     def _flagged(decisions: RoundDecisions) -> set[int] | None:
         """Clients the rule acted against: dropped or clipped (None for coordinate-wise rules)."""
@@ -192,7 +248,6 @@ class RunRecorder:
     def finish(self, state: dict[str, Tensor]) -> dict[str, object]:
         save_tensors(self.out_dir / "final.safetensors", state, {"round": str(self.cfg.training.rounds)})
         cfg = self.cfg
-        overall = pooled_detection(self._detections).as_dict() if self._detections else None
         last = self.evaluated  # the last round is always evaluated; this is it
         summary = {
             "name": cfg.name,
@@ -208,7 +263,8 @@ class RunRecorder:
             "attack_knowledge": cfg.attack.resolved_knowledge,  # full, partial, or null without an attack
             "attackers_ratio": cfg.attack.ratios[0],
             "malicious_partitions": sorted(self.malicious),
-            "detection": overall,
+            "detection": self._pooled_detection(),
+            "rule_cost": self._rule_cost(),
             "seed": cfg.seed,
             "settings": {**cfg.settings(), **self.extra_settings},
             "seconds": time.time() - self.started,

@@ -9,6 +9,9 @@
 All rules take client deltas `updates` (n_clients, n_params). Clipping is a per-client scale
 factor min(1, B / ||U_i||), so each rule is one pass over the matrix for the norms and one
 mat-vec for the weighted mean: no clipped copy of the matrix is made.
+
+Suspicion (`Aggregate.suspicion`): the update norm ||U_i||, the only thing these rules look at
+(a client is clipped iff its norm is above the round's bound).
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ class NormClip:
             noise = torch.randn(agg.update.shape, generator=gen, dtype=agg.update.dtype)
             agg.update.add_(noise, alpha=self.noise_std)
         return Aggregate(update=agg.update, kept=agg.kept, clipped=agg.clipped, weights=agg.weights,
-                         scores=norms.to(updates.dtype), stats=agg.stats)
+                         scores=norms.to(updates.dtype), suspicion=norms, stats=agg.stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +166,7 @@ def clip_avg(
     norms = row_norms(updates)
     agg = clipped_mean(updates, info, clip_factors(norms, bound), weighted=weighted, stats={"agg.bound": bound})
     return Aggregate(update=agg.update, kept=agg.kept, clipped=agg.clipped, weights=agg.weights,
-                     scores=norms.to(updates.dtype), stats=agg.stats)
+                     scores=norms.to(updates.dtype), suspicion=norms, stats=agg.stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ def clip_avg_iqr(
     )
     log.debug("clip-avg-iqr: norms=%s fence=%.4g gamma=%.4g", norms.tolist(), fence, gamma)
     return Aggregate(update=agg.update, kept=agg.kept, clipped=agg.clipped, weights=agg.weights,
-                     scores=norms.to(updates.dtype), stats=agg.stats)
+                     scores=norms.to(updates.dtype), suspicion=norms, stats=agg.stats)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,6 +70,10 @@ class FLDefender:
     5. trust_i = max(0, (h_i - q1) / max_j (h_j - q1)), the max over this round's clients.
     6. update = sum_i trust_i U_i / sum_i trust_i.
 
+    Suspicion (`Aggregate.suspicion`): max_j h_j - h_i over the round's clients, the gap of the
+    client's accumulated score to the most trusted one. Trust is (h_i - q1) / (max_j h_j - q1)
+    clipped at 0, so this ranks clients as 1 - trust does, without the ties of trust 0.
+
     Choice: when no client of the round is above q1 (e.g. all histories are equal, as for
     identical updates), the evidence cannot tell clients apart and every client gets trust 1
     (plain mean); `stats["agg.uniform-fallback"]` is 1 then.
@@ -119,5 +123,6 @@ class FLDefender:
             kept=trust > 0,
             weights=w.to(updates.dtype),
             scores=trust.to(updates.dtype),
+            suspicion=h.max() - h,
             stats={"agg.q1": q1, "agg.uniform-fallback": float(fallback)},
         )

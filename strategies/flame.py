@@ -73,6 +73,11 @@ class Flame:
        sigma = lambda * S_t * std(global layer) per layer, lambda = 1.2e-5; "none" skips it.
        BatchNorm running statistics get no noise (integer buffers are not in the vector). The
        noise comes from a CPU generator seeded by (ctx.seed, round): reproducible.
+
+    Suspicion (`Aggregate.suspicion`): cluster membership first, then the norm:
+    1[not admitted] + e_i / (e_i + S_t). The second term is in [0, 1), so every client the
+    clustering left out ranks above every admitted one, and within each group a larger update
+    (the one clipping acts on) is more suspicious.
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class Flame:
             clipped=admitted & (norms > s_t),
             weights=coef.to(updates.dtype),
             scores=norms.to(updates.dtype),
+            suspicion=(~admitted).to(torch.float64) + norms / (norms + s_t).clamp_min(EPS),
             stats={"agg.admitted": float(admitted.sum()), "agg.clusters": float(clusters),
                    "agg.median-norm": s_t, "agg.noise-sigma": sigma},
         )

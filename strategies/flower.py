@@ -3,10 +3,9 @@
 `RobustFedAvg` overrides `configure_train` (to remember the global model it sends, to add the
 local hyperparameters to the ConfigRecord, and to sample the round's clients by partition with a
 seeded `strategies.sampling.RoundSampler` instead of Flower's unseeded draw over node ids) and
-`aggregate_train` (validate replies with the pure
-checks of `strategies.replies`, build the (n_clients, n_params) update matrix with `ParamLayout`,
-call the aggregator, apply the server learning rate unless the result is not finite). It never
-mutates a reply and never calls Flower's private methods.
+`aggregate_train` (validate replies with the pure checks of `strategies.replies`, build the
+(n_clients, n_params) update matrix with `strategies.ingest`, call the aggregator, apply the server
+learning rate unless the result is not finite). It never mutates a reply or calls Flower's private methods.
 """
 
 from __future__ import annotations
@@ -30,13 +29,14 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from torch import Tensor
 
 from lab.cohort import COHORT_KEY, split_evenly
+from lab.cost import measured
 from lab.errors import AggregationError, LabError, ReplyError
 from lab.records import ParamLayout
 from strategies.inbox import ClientReply, open_replies
 from strategies.ingest import IngestPlan, UpdateMatrix
 from strategies.replies import IdentityBook, read_examples, read_loss, shorten
 from strategies.sampling import RoundSampler
-from strategies.types import Aggregate, Aggregator, RoundInfo
+from strategies.types import Aggregate, Aggregator, IngestedRows, RoundInfo
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,13 @@ class RoundDecisions:
     clipped: list[int] | None = None
     weights: dict[int, float] | None = None
     scores: dict[int, float] | None = None
+    suspicion: dict[int, float] | None = None  # higher = more suspicious; the recorder scores it
     stats: dict[str, float] = field(default_factory=dict)
     failures: list[dict[str, object]] = field(default_factory=list)  # {"node_id", "partition", "reason"}
     train_loss: float | None = None
     aggregate_seconds: float = 0.0
+    rule_seconds: float | None = None  # the aggregator call alone (`lab.cost`)
+    rule_peak_mb: float | None = None  # memory the aggregator call needed beyond its inputs
     skipped: str | None = None  # why the model was left unchanged this round, if it was
 
     def as_metrics(self) -> dict[str, object]:
@@ -73,6 +76,8 @@ class RoundDecisions:
             "failures": self.failures,
             "train_loss": self.train_loss,
             "aggregate_seconds": self.aggregate_seconds,
+            "rule_seconds": self.rule_seconds,
+            "rule_peak_mb": self.rule_peak_mb,
             "skipped": self.skipped,
             **self.stats,  # the rules name their statistics "agg.<name>" themselves
         }
@@ -159,6 +164,7 @@ class RobustFedAvg(FedAvg):
         # Kept across rounds (its pages are touched once, not every round): no rule may keep the
         # matrix or a view of it past its round (FoolsGold clones what it remembers).
         self._matrix = UpdateMatrix(layout.num_params)
+        self._sum = torch.empty(layout.num_params)  # the rows' num-examples-weighted sum (IngestedRows)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -246,9 +252,11 @@ class RobustFedAvg(FedAvg):
             num_examples=torch.tensor(examples, dtype=torch.float32),
             global_params=global_flat,
             reference_update=self._reference(global_flat, server_round),
+            ingested=IngestedRows(updates, torch.tensor(norms, dtype=torch.float64),
+                                  None if self.collude is not None else self._sum),
         )
         try:
-            agg = self.aggregator(updates, info)
+            agg, cost = measured(lambda: self.aggregator(updates, info))
         except AggregationError as exc:
             # The rule cannot run on this round's replies (e.g. too few left after drops): keep
             # the model, and make the skip visible in the log and in metrics.jsonl.
@@ -257,6 +265,7 @@ class RobustFedAvg(FedAvg):
             self._emit(decisions)
             return None, MetricRecord({"num-valid": len(examples)})
         decisions.norms = dict(zip(decisions.partitions, norms))
+        decisions.rule_seconds, decisions.rule_peak_mb = cost.seconds, cost.peak_mb
         decisions.train_loss = float(sum(losses) / len(losses)) if losses else None
         new_flat = global_flat.add_(agg.update, alpha=self.server_lr)
         if not bool(torch.isfinite(new_flat).all()):
@@ -290,28 +299,35 @@ class RobustFedAvg(FedAvg):
         candidates, failures = self.client_replies(replies)
         decisions.failures.extend(failures)
         failures = decisions.failures
-        rows = self._matrix.rows(len(candidates))
-        examples: list[float] = []
-        losses: list[float] = []
-        norms: list[float] = []  # of each accepted update, from the overflow check (one pass, not two)
+        readable: list[tuple[ClientReply, float, float | None]] = []  # metrics read, weights not yet
         for reply in candidates:
-            partition, node, arrays = reply.partition, reply.node_id, reply.arrays
-            row = rows[len(examples)]
             try:
                 n = read_examples(reply.metrics.get("num-examples"))
                 loss = read_loss(reply.metrics.get("train-loss"))
-                if arrays is None:
+                if reply.arrays is None:
                     raise ReplyError("reply lacks the 'arrays' record")
-                norm = self._ingest(arrays, global_flat, row)  # checks, copy, - global, norm: one pass
             except (LabError, KeyError, TypeError, ValueError) as exc:
-                failures.append({"node_id": node, "partition": partition, "reason": shorten(str(exc))})
+                failures.append({"node_id": reply.node_id, "partition": reply.partition, "reason": shorten(str(exc))})
+                continue
+            readable.append((reply, n, loss))
+        rows = self._matrix.rows(len(readable))
+        # All replies at once (`ingest_many`): checks, copy, - global, norm and FedAvg's weighted
+        # sum in one pass over each reply, each chunk of the global model read from memory once.
+        results = self._ingest.ingest_many([r.arrays for r, _, _ in readable], global_flat, rows,  # type: ignore[misc]
+                                           weights=[n for _, n, _ in readable], weighted_sum=self._sum)
+        examples: list[float] = []
+        losses: list[float] = []
+        norms: list[float] = []  # of each accepted update, from the overflow check (one pass, not two)
+        for (reply, n, loss), result in zip(readable, results):
+            if isinstance(result, ReplyError):
+                failures.append({"node_id": reply.node_id, "partition": reply.partition, "reason": shorten(str(result))})
                 continue
             examples.append(n)
-            norms.append(norm)
+            norms.append(result)
             if loss is not None:
                 losses.append(loss)
-            decisions.partitions.append(partition)
-            decisions.node_ids.append(node)
+            decisions.partitions.append(reply.partition)
+            decisions.node_ids.append(reply.node_id)
         failures.sort(key=lambda f: int(f["node_id"]))  # type: ignore[call-overload]  # not arrival order
         for f in failures:
             log.warning("round %d: dropped reply from node %s: %s", decisions.server_round, f["node_id"], f["reason"])
@@ -339,6 +355,8 @@ class RobustFedAvg(FedAvg):
             decisions.weights = {p: float(w) for p, w in zip(ids, agg.weights)}
         if agg.scores is not None:
             decisions.scores = {p: float(s) for p, s in zip(ids, agg.scores)}
+        if agg.suspicion is not None:  # the recorder scores it against the ground truth
+            decisions.suspicion = dict(zip(ids, agg.suspicion.double().tolist()))
         decisions.stats = {k: float(v) for k, v in agg.stats.items()}
 
     def _emit(self, decisions: RoundDecisions) -> None:

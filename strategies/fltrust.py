@@ -35,6 +35,10 @@ def fltrust(
     update = sum_i TS_i Ubar_i / sum_i TS_i. A zero update (or a zero g0) has cosine 0, so
     trust 0 (eps guard, never NaN).
 
+    Suspicion (`Aggregate.suspicion`): 1 - cos(U_i, g0), in [0, 2]. It ranks clients as 1 - TS_i
+    does, and also orders the clients that ReLU maps to trust 0 (an opposed update is more
+    suspicious than an orthogonal one).
+
     Args:
         on_zero_trust: when sum TS = 0. "zero" (the paper: skip the update, i.e. a zero delta,
             logged at WARNING) or "uniform" (FLPoison: the plain mean of the rescaled updates).
@@ -67,6 +71,7 @@ def fltrust(
         kept=trust > 0,
         weights=coef.to(updates.dtype),
         scores=trust.to(updates.dtype),
+        suspicion=1.0 - cos,
         stats={"agg.trust-sum": total, "agg.reference-norm": g0_norm},
     )
 

@@ -3,6 +3,11 @@
 Fung, Yoon, Beschastnikh, "The Limitations of Federated Learning in Sybil Settings", RAID 2020
 (arXiv:1808.04866). Known failure mode: with IID data honest clients also look alike and are
 down-weighted.
+
+Suspicion (`Aggregate.suspicion`): the client's largest pardoned cosine similarity to another
+client's history, max_j cs_ij after step 2 of `foolsgold_weights`. The weight is a non-increasing
+function of it (1 - it, rescaled, then the clipped logit), so it ranks clients as 1 - weight
+does, without the ties that the clipping to [0, 1] makes.
 """
 
 from __future__ import annotations
@@ -36,21 +41,31 @@ def cosine_matrix(x: Tensor, eps: float = EPS) -> Tensor:
     return unit @ unit.T
 
 
-def foolsgold_weights(history: Tensor, kappa: float = 1.0) -> Tensor:
-    """(n,) FoolsGold weights alpha from the clients' histories `history` (n, k).
+def pardoned_similarity(history: Tensor) -> Tensor:
+    """(n,) max_j cs_ij, FoolsGold's Sybil evidence, from the clients' histories `history` (n, k).
 
     1. cs = cos(H_i, H_j) with the diagonal set to 0 (cos - I); v_i = max_j cs_ij.
     2. Pardoning: cs_ij *= v_i / v_j where v_i < v_j.
-    3. alpha_i = clip(1 - max_j cs_ij, 0, 1); alpha /= max alpha; alpha_i = 0.99 where alpha_i = 1.
-    4. alpha = kappa * (ln(alpha / (1 - alpha)) + 0.5); +inf or > 1 -> 1; < 0 (and -inf) -> 0.
+    A single client has similarity 0 (no one to look like).
     """
-    n = history.shape[0]
     cs = cosine_matrix(history)
     cs.fill_diagonal_(0.0)
     v = cs.max(dim=1).values  # (n,) >= 0 because the diagonal 0 is included
     pardon = v[:, None] < v[None, :]  # (i, j): v_i < v_j, hence v_j > 0
     cs = torch.where(pardon, cs * v[:, None] / torch.where(pardon, v[None, :], 1.0), cs)
-    alpha = (1.0 - cs.max(dim=1).values).clamp(0.0, 1.0) if n > 1 else torch.ones(1, dtype=torch.float64)
+    return cs.max(dim=1).values if history.shape[0] > 1 else torch.zeros(1, dtype=torch.float64)
+
+
+def foolsgold_weights(history: Tensor, kappa: float = 1.0, similarity: Tensor | None = None) -> Tensor:
+    """(n,) FoolsGold weights alpha from the clients' histories `history` (n, k).
+
+    1-2. s_i = `pardoned_similarity(history)` (pass `similarity` when already computed).
+    3. alpha_i = clip(1 - s_i, 0, 1); alpha /= max alpha; alpha_i = 0.99 where alpha_i = 1.
+    4. alpha = kappa * (ln(alpha / (1 - alpha)) + 0.5); +inf or > 1 -> 1; < 0 (and -inf) -> 0.
+    """
+    n = history.shape[0]
+    sim = pardoned_similarity(history) if similarity is None else similarity
+    alpha = (1.0 - sim).clamp(0.0, 1.0) if n > 1 else torch.ones(1, dtype=torch.float64)
     top = alpha.max()
     alpha = alpha / top if top > 0 else alpha  # all-zero (every client a Sybil) stays all-zero
     alpha = torch.where(alpha == 1.0, torch.full_like(alpha, 0.99), alpha)
@@ -113,7 +128,8 @@ class FoolsGold:
             prev = self.history.get(cid)
             self.history[cid] = row.clone() if prev is None else prev + row
         hist = torch.stack([self.history[cid] for cid in info.client_ids])  # (n, k)
-        alpha = foolsgold_weights(hist, self.kappa)  # (n,)
+        similarity = pardoned_similarity(hist)  # (n,)
+        alpha = foolsgold_weights(hist, self.kappa, similarity)  # (n,)
         total = float(alpha.sum())
         if total <= 0:
             log.warning("foolsgold: every client got weight 0 (all look like Sybils); the update is zero")
@@ -125,5 +141,6 @@ class FoolsGold:
             kept=alpha > 0,
             weights=coef.to(updates.dtype),
             scores=alpha.to(updates.dtype),
+            suspicion=similarity,
             stats={"agg.weight-sum": total, "agg.zero-weight": float((alpha == 0).sum())},
         )

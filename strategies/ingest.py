@@ -142,7 +142,8 @@ class IngestPlan:
         return result
 
     def ingest_many(self, replies: Sequence[Mapping[str, WireArray]], global_flat: Tensor,
-                    rows: Tensor) -> list[float | ReplyError]:
+                    rows: Tensor, *, weights: Sequence[float] | None = None,
+                    weighted_sum: Tensor | None = None) -> list[float | ReplyError]:
         """`ingest_into` for a round's replies at once: each reply's norm, or its ReplyError.
 
         The accepted replies fill `rows[:k]` in reply order (k = the number of norms returned);
@@ -150,10 +151,22 @@ class IngestPlan:
         columns are walked in chunks of `CHUNK`, so each chunk of `global_flat` is read from memory
         once for all replies, and each row chunk is still in cache when its sum of squares is taken.
 
+        With `weights` (one per reply) and `weighted_sum` ((num_params,) float32), `weighted_sum`
+        is also filled with sum_i weights[i] * row_i over the accepted replies, accumulated while
+        each chunk is in cache: FedAvg's numerator without another pass over the matrix (a refused
+        reply's garbage never enters it: after a refusal the sum is recomputed from the kept rows).
+
         Raises:
-            ValueError: `rows` or `global_flat` has the wrong shape or dtype (a caller's bug).
+            ValueError: `rows`, `global_flat` or `weighted_sum` has the wrong shape or dtype, or
+                `weights` is not one per reply (a caller's bug).
         """
         self._check_buffers(global_flat, rows, len(replies))
+        if (weights is None) != (weighted_sum is None):
+            raise ValueError("weights and weighted_sum go together")
+        if weighted_sum is not None and weights is not None:
+            self._check_buffers(global_flat, weighted_sum.unsqueeze(0), 1)
+            if len(weights) != len(replies):
+                raise ValueError(f"{len(weights)} weights for {len(replies)} replies")
         results: list[float | ReplyError] = []
         readers: list[tuple[int, list[Tensor]]] = []  # (reply index, its floating entries, flat float32)
         with warnings.catch_warnings():
@@ -165,17 +178,23 @@ class IngestPlan:
                     results.append(math.nan)  # for now
                 except ReplyError as exc:
                     results.append(exc)
-        sums = self._subtract([sources for _, sources in readers], global_flat, rows)
-        kept = 0
+                except (KeyError, TypeError, ValueError) as exc:  # a malformed record, not our bug
+                    results.append(ReplyError(f"unreadable reply ({type(exc).__name__}: {str(exc)[:100]})"))
+        row_weights = None if weights is None else [float(weights[i]) for i, _ in readers]
+        sums = self._subtract([sources for _, sources in readers], global_flat, rows, row_weights, weighted_sum)
+        kept: list[int] = []  # reader positions accepted
         for r, ((i, sources), sumsq) in enumerate(zip(readers, sums)):
             if not sumsq <= FLOAT32_MAX:  # NaN, inf, or a sum of squares that float32 cannot hold
                 finite = all(bool(torch.isfinite(s).all()) for s in sources)
                 results[i] = ReplyError(OVERFLOW if finite else NOT_FINITE)
                 continue
-            if kept != r:  # close the gap a refused row left (only after a refusal)
-                rows[kept].copy_(rows[r])
+            if len(kept) != r:  # close the gap a refused row left (only after a refusal)
+                rows[len(kept)].copy_(rows[r])
             results[i] = math.sqrt(sumsq)
-            kept += 1
+            kept.append(r)
+        if weighted_sum is not None and row_weights is not None and len(kept) != len(readers):
+            w = torch.tensor([row_weights[r] for r in kept], dtype=torch.float32)
+            weighted_sum.copy_(w @ rows[: len(kept)])  # a refused row's garbage is out (a rare path)
         return results
 
     def _check_buffers(self, global_flat: Tensor, rows: Tensor, n: int) -> None:
@@ -198,10 +217,15 @@ class IngestPlan:
                 sources.append(src.reshape(-1).to(torch.float32))  # no copy for what np.save writes
         return sources
 
-    def _subtract(self, readers: list[list[Tensor]], global_flat: Tensor, rows: Tensor) -> list[float]:
+    def _subtract(self, readers: list[list[Tensor]], global_flat: Tensor, rows: Tensor,
+                  weights: list[float] | None = None, weighted_sum: Tensor | None = None) -> list[float]:
         """rows[r] = readers[r] - global_flat, chunk by chunk; each row's sum of squares (float64
-        over float32 chunk sums: more accurate than `Tensor.norm()`'s float32 accumulation)."""
+        over float32 chunk sums: more accurate than `Tensor.norm()`'s float32 accumulation); and
+        with `weights`, weighted_sum = sum_r weights[r] * rows[r] from the same cached chunks."""
         sums = [0.0] * len(readers)
+        if weighted_sum is not None and (weights is None or not readers):
+            weighted_sum.zero_()
+            weights = None  # nothing to add
         floating = [slot for slot in self.slots if slot.entry.floating]
         for j, slot in enumerate(floating):
             for c0 in range(0, slot.numel, CHUNK):
@@ -212,6 +236,11 @@ class IngestPlan:
                     out = rows[r, a:b]
                     torch.sub(sources[j][c0:c1], glob, out=out)
                     sums[r] += float(out.dot(out))  # while `out` is still in cache
+                    if weights is not None and weighted_sum is not None:
+                        if r == 0:
+                            torch.mul(out, weights[0], out=weighted_sum[a:b])
+                        else:
+                            weighted_sum[a:b].add_(out, alpha=weights[r])
         return sums
 
 

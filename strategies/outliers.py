@@ -7,6 +7,11 @@
   norms; clients outside the fence are dropped (ClipAvg+IQR in `clipping.py` clips instead).
 
 Both take client deltas `updates` (n_clients, n_params).
+
+Suspicion (`Aggregate.suspicion`): RFOut-1d, the number of the client's coordinates it replaced,
+plus a tie-break in [0, 1) that grows with the client's mean squared z-score (so the count decides
+and, where it is equal, as when no coordinate can be replaced at n <= 10, the z-scores do); the
+IQR filter, the update norm (sides="upper") or its distance to the median norm (sides="both").
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 
 RFOUT_CHUNK = 1 << 15  # columns per chunk: the (n, chunk) temporaries stay in cache
 MAD_TO_STD = 1.4826  # sigma = 1.4826 * MAD for Gaussian data
+TIE_BREAK_MAX = 1.0 - 1e-9  # keeps the z-score tie-break strictly below one replaced coordinate
 
 
 def rfout_1d(
@@ -67,6 +73,8 @@ def rfout_1d(
         spread = median_of_rows((updates - centre).abs_()) * MAD_TO_STD  # (d,)
     out = torch.empty(d, dtype=updates.dtype)
     kept_count = torch.zeros(n, dtype=torch.float64)
+    z2_sum = torch.zeros(n, dtype=torch.float64)  # sum over coordinates of z_ik^2 (suspicion tie-break)
+    tiny = torch.finfo(updates.dtype).tiny
     # float 0/1 "keep" buffer: torch's comparisons into a float `out` run ~6x faster than into
     # bool tensors, and multiplying by it is faster than masked_fill / where
     keep_buf = torch.empty(n, min(RFOUT_CHUNK, d), dtype=updates.dtype)
@@ -81,10 +89,12 @@ def rfout_1d(
             # population variance (ddof = 0) or sample variance (ddof = 1); n <= ddof: no spread
             limit = sq.sum(dim=0).mul_(thr2 / (n - ddof)) if n > ddof else torch.zeros_like(mu)
             torch.le(sq, limit, out=keep)  # (n, c): |dev| <= threshold * sigma, without a sqrt
+            z2_sum += (sq / (limit / thr2).clamp_min_(tiny)).sum(dim=1, dtype=torch.float64)
         else:
             mu, sigma = centre[c0 : c0 + RFOUT_CHUNK], spread[c0 : c0 + RFOUT_CHUNK]
             dev = block - mu
             torch.le(dev.abs(), sigma * threshold, out=keep)
+            z2_sum += (dev / sigma.clamp_min(tiny)).square_().sum(dim=1, dtype=torch.float64)
         kept_count += keep.sum(dim=1)
         # mean_i where(replaced, mu, U_i) = mu + mean_i (U_i - mu) over the kept entries
         piece = out[c0 : c0 + RFOUT_CHUNK]
@@ -92,9 +102,12 @@ def rfout_1d(
         piece.div_(n).add_(mu)
     replaced = d - kept_count
     frac = replaced / max(d, 1)
+    mean_z2 = z2_sum / max(d, 1)
+    tie_break = (1.0 - 1.0 / (1.0 + mean_z2)).nan_to_num(TIE_BREAK_MAX).clamp_(0.0, TIE_BREAK_MAX)
     return Aggregate(
         update=out,
         scores=frac.to(updates.dtype),
+        suspicion=replaced + tie_break,
         stats={"agg.replaced-fraction": float(replaced.sum()) / max(n * d, 1)},
     )
 
@@ -132,6 +145,7 @@ def iqr_filter(
         kept=kept,
         weights=w.to(updates.dtype),
         scores=norms.to(updates.dtype),
+        suspicion=norms if sides == "upper" else (norms - torch.quantile(norms, 0.5)).abs(),
         stats={"agg.q1": q1, "agg.q3": q3, "agg.fence": upper, "agg.dropped": float((~kept).sum())},
     )
 

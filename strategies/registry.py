@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 from lab.coerce import convert
 from lab.config import ExperimentConfig
 from lab.errors import ConfigError
+from strategies.centered_clipping import CenteredClipping
 from strategies.clipping import (
     NormClip,
     check_clip_avg,
@@ -23,12 +25,25 @@ from strategies.clipping import (
     clip_avg,
     clip_avg_iqr,
 )
+from strategies.deepsight import DeepSight
 from strategies.fl_defender import FLDefender
 from strategies.flame import Flame
+from strategies.fldetector import FLDetector
 from strategies.fltrust import check_fltrust, fltrust
 from strategies.foolsgold import FoolsGold
+from strategies.freqfed import FreqFed
+from strategies.geometric_median import check_geometric_median, geometric_median
 from strategies.mean import weighted_mean, weighted_sum_over_total
+from strategies.multi_metrics import check_multi_metrics, multi_metrics
 from strategies.outliers import check_iqr, check_rfout_1d, iqr_filter, rfout_1d
+from strategies.pre_aggregation import (
+    PRE_AGGREGATORS,
+    Bucketing,
+    Preaggregated,
+    PreAggregator,
+    StatefulPreaggregated,
+    pre_spec,
+)
 from strategies.robust import (
     bulyan,
     check_bulyan,
@@ -40,10 +55,15 @@ from strategies.robust import (
     multi_krum,
     trimmed_mean,
 )
-from strategies.types import Aggregate, Aggregator, AggregatorContext
+from strategies.sign_vote import check_robust_learning_rate, robust_learning_rate
+from strategies.signguard import SignGuard
+from strategies.spectral import DivideAndConquer
+from strategies.types import Aggregate, Aggregator, AggregatorContext, Checkpointable
 
 Factory = Callable[..., Aggregator]
 PARAMS = "federated.aggregator.params"
+# Rules whose state is keyed by client id: behind bucketing their rows are buckets, not clients.
+PER_CLIENT_HISTORY = frozenset({"foolsgold", "fl-defender", "fldetector"})
 
 
 def hyperparameter_problems(target: Callable[..., Any], hp: Mapping[Any, Any], skip: int) -> list[str]:
@@ -124,23 +144,74 @@ AGGREGATORS: dict[str, Factory] = {
     "clip-avg": _pure(clip_avg, check_clip_avg),
     "clip-avg-iqr": _pure(clip_avg_iqr, check_clip_avg_iqr),
     "flame": _stateful(Flame),
+    "geomed": _pure(geometric_median, check_geometric_median),
+    "centered-clipping": _stateful(CenteredClipping),
+    "rlr": _pure(robust_learning_rate, check_robust_learning_rate),
+    "dnc": _stateful(DivideAndConquer),
+    "signguard": _stateful(SignGuard),
+    "freqfed": _stateful(FreqFed),
+    "fldetector": _stateful(FLDetector),
+    "deepsight": _stateful(DeepSight),
+    "multi-metrics": _pure(multi_metrics, check_multi_metrics),
 }
 
 
-def build_aggregator(name: str, params: Mapping[Any, Any], ctx: AggregatorContext) -> Aggregator:
-    """The rule `name` with `params`, checked at build time.
+def build_aggregator(name: str, params: Mapping[Any, Any], ctx: AggregatorContext,
+                     pre: Sequence[Any] = ()) -> Aggregator:
+    """The rule `name` with `params`, behind the pre-aggregators `pre` (names or {name, params}
+    entries, `federated.aggregator.pre`), checked at build time.
 
     Raises:
-        ConfigError: an unknown rule, bad hyperparameters (every one, with its key path) or the
-            rule's own build-time check (e.g. Krum's n > 2f + 2).
+        ConfigError: an unknown rule or pre-aggregator, bad hyperparameters (every one, with its key
+            path) or a build-time check (e.g. Krum's n > 2f + 2, NNM's f < n/2), judged on the rows
+            the rule sees after the pre-aggregators.
     """
     unknown = unknown_rule(name)
     if unknown:
         raise ConfigError(unknown)
+    steps, stage = build_pre(pre, ctx)
+    if steps and ctx.all_examples is not None:
+        raise ConfigError("federated.fedavg_divisor: 'total' divides client sums; behind "
+                          "federated.aggregator.pre the rows are mixtures (use 'sampled')")
+    if name in PER_CLIENT_HISTORY and any(isinstance(step, Bucketing) for step in steps):
+        raise ConfigError(f"federated.aggregator.pre: {name} keeps per-client histories; "
+                          "bucketing's rows are not clients (use nnm, or no pre)")
     bad = [k for k in params if not isinstance(k, str)]
     if bad:  # not even a keyword: the factories below could not be called with them
         raise ConfigError(f"{PARAMS}: {', '.join(map(repr, bad))} is not a hyperparameter name")
-    return AGGREGATORS[name](ctx, **params)
+    try:
+        rule = AGGREGATORS[name](stage, **params)
+    except ConfigError as exc:
+        if not steps:
+            raise
+        raise ConfigError([f"{p} (the rule sees {stage.clients_per_round} rows after federated.aggregator.pre)"
+                           for p in exc.problems]) from None
+    if not steps:
+        return rule
+    return (StatefulPreaggregated if isinstance(rule, Checkpointable) else Preaggregated)(steps, rule)
+
+
+def build_pre(pre: Sequence[Any], ctx: AggregatorContext) -> tuple[list[PreAggregator], AggregatorContext]:
+    """The pre-aggregators of `pre`, in order, and the context the rule after them is built with
+    (clients_per_round = the rows left). Every problem names its `federated.aggregator.pre[i]` key."""
+    steps: list[PreAggregator] = []
+    stage = ctx
+    for i, item in enumerate(pre):
+        key = f"federated.aggregator.pre[{i}]"
+        pname, pparams = pre_spec(item)
+        if pname not in PRE_AGGREGATORS:
+            raise ConfigError(f"{key}.name: unknown pre-aggregator {pname!r}; known: {', '.join(sorted(PRE_AGGREGATORS))}")
+        cls = PRE_AGGREGATORS[pname]
+        problems = [p.replace(PARAMS, f"{key}.params", 1) for p in hyperparameter_problems(cls, pparams, skip=1)]
+        if problems:
+            raise ConfigError(problems)
+        try:
+            step = cls(stage, **pparams)
+        except ConfigError as exc:
+            raise ConfigError([f"{key}: {p}" for p in exc.problems]) from None
+        steps.append(step)
+        stage = replace(stage, clients_per_round=step.rows_out(stage.clients_per_round))
+    return steps, stage
 
 
 def unknown_rule(name: str) -> str | None:
@@ -153,7 +224,8 @@ def unknown_rule(name: str) -> str | None:
 def check_config(cfg: ExperimentConfig, ctx: AggregatorContext) -> list[str]:
     """Problems building the configured rule, as config-error strings with key paths (empty when fine)."""
     try:
-        build_aggregator(cfg.federated.aggregator.name, dict(cfg.federated.aggregator.params), ctx)
+        build_aggregator(cfg.federated.aggregator.name, dict(cfg.federated.aggregator.params), ctx,
+                         pre=cfg.federated.aggregator.pre)
     except ConfigError as exc:
         return [p if p.startswith("federated.") else f"{PARAMS}: {p}" for p in exc.problems]
     return []

@@ -9,6 +9,12 @@
 
 All rules take client deltas `updates` (n_clients, n_params) and a `RoundInfo`.
 
+Suspicion (`Aggregate.suspicion`, higher = more suspicious): Krum / Multi-Krum and Bulyan report
+the Krum score (the quantity their selection ranks by; for Bulyan's recursive selection too, the
+one-shot score over all n clients); the coordinate-wise median and trimmed mean report each
+client's L2 distance to the aggregate they produced (they judge coordinates, not clients, so the
+distance to their robust centre is the per-client view of what they discarded).
+
 Speed: the distances and order statistics come from the shared kernels of `strategies.kernels`.
 """
 
@@ -29,6 +35,7 @@ from strategies.kernels import (
     require_clients,
     sorting_network,
 )
+from strategies.mean import distances_to
 from strategies.types import Aggregate, AggregatorContext, RoundInfo
 
 log = logging.getLogger(__name__)
@@ -116,6 +123,7 @@ def multi_krum(
         kept=kept,
         weights=weights.to(updates.dtype),
         scores=scores.to(updates.dtype),
+        suspicion=scores,
         stats={"agg.selected": float(m), "agg.neighbours": float(max(1, n - num_byzantine - 2))},
     )
 
@@ -140,7 +148,8 @@ def coordinate_median(updates: Tensor, info: RoundInfo) -> Aggregate:
         AggregationError: if there are no clients.
     """
     require_clients(updates, info, 1, "median")
-    return Aggregate(update=median_of_rows(updates))
+    update = median_of_rows(updates)
+    return Aggregate(update=update, suspicion=distances_to(updates, update))
 
 
 def trimmed_mean(updates: Tensor, info: RoundInfo, *, beta: float = DEFAULT_TRIM_BETA) -> Aggregate:
@@ -157,7 +166,8 @@ def trimmed_mean(updates: Tensor, info: RoundInfo, *, beta: float = DEFAULT_TRIM
         raise AggregationError(f"trimmed-mean: beta={beta} trims all {n} clients")
     stats = {"agg.trimmed-per-tail": float(b)}
     if b == 0:
-        return Aggregate(update=updates.mean(dim=0), stats=stats)
+        mean = updates.mean(dim=0)
+        return Aggregate(update=mean, suspicion=distances_to(updates, mean), stats=stats)
     keep = range(b, n - b)
     comps = prune_network(sorting_network(n), set(keep))
     scale = 1.0 / (n - 2 * b)
@@ -168,7 +178,8 @@ def trimmed_mean(updates: Tensor, info: RoundInfo, *, beta: float = DEFAULT_TRIM
             out.add_(rows[r])
         out.mul_(scale)
 
-    return Aggregate(update=network_reduce(updates, comps, reduce), stats=stats)
+    update = network_reduce(updates, comps, reduce)
+    return Aggregate(update=update, suspicion=distances_to(updates, update), stats=stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,6 +265,7 @@ def bulyan(
         update=update,
         kept=kept,
         scores=scores.to(updates.dtype),
+        suspicion=scores,
         stats={"agg.selected": float(theta), "agg.trimmed-mean-size": float(beta)},
     )
 

@@ -5,7 +5,7 @@
 #
 #   bash tests/system-deps.sh
 #
-# Today one package: Debian's dataset-fashion-mnist (the four gzipped idx files in
+# Debian's dataset-fashion-mnist (the four gzipped idx files in
 # /usr/share/datasets/fashion-mnist/, which lab/torchvision_data.py searches). Installed with apt
 # when running as root on Debian or Ubuntu; `apt-get update` runs only when apt does not know the
 # package yet. Already there: silent, no apt call.
@@ -65,5 +65,31 @@ main() {
     return 0
 }
 
+# The container end-to-end test (tests/integration/test_containers.py, docker/e2e.sh): a Docker
+# engine, Compose (Debian's v1) and debootstrap (the stand-in base where Docker Hub is out of reach).
+# Installed only as root on Debian or Ubuntu and only when one is missing; e2e.sh starts the engine
+# itself (no systemd) and stops it again. Otherwise the docker tests skip with the reason.
+DOCKER_PKGS="docker.io docker-compose debootstrap"
+
+docker_deps() {
+    if command -v dockerd >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 \
+        && { command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1; }; then
+        return 0
+    fi
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || [ ! -f /etc/debian_version ]; then
+        say "skipping $DOCKER_PKGS (not root on Debian or Ubuntu): the docker tests will skip"
+        return 0
+    fi
+    if ! apt-cache show docker.io >/dev/null 2>&1; then
+        apt_quiet update || { say "apt-get update failed ($(tail -n 1 <<<"$APT_OUT")): the docker tests will skip"; return 0; }
+    fi
+    say "installing $DOCKER_PKGS (apt-get)"
+    # shellcheck disable=SC2086
+    apt_quiet install --no-install-recommends $DOCKER_PKGS \
+        || say "apt-get install $DOCKER_PKGS failed ($(tail -n 1 <<<"$APT_OUT")): the docker tests will skip"
+    return 0
+}
+
 main
+docker_deps
 exit 0

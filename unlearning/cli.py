@@ -18,7 +18,6 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,28 @@ from lab.errors import ConfigError, LabError
 from lab.metrics import predict
 from lab.runfolder import contained
 from lab.task import generator, set_threads
-from unlearning.methods import (STRATEGIES, Budget, FinetuneResult, Materials, accuracy, finetune,
-                                get_strategy, relabel_targets)
-from unlearning.trigger import RecoveredTrigger, recover_trigger, score_against, server_flip_rate
-from unlearning.verify import (NoReconstructions, Run, Reconstructions, RunFolderError, load_reconstructions, load_run,
-                               read_image, verify)
+from unlearning.materials import Plan, recover
+from unlearning.methods import (
+    STRATEGIES,
+    Budget,
+    FinetuneResult,
+    StrategyError,
+    accuracy,
+    finetune,
+    get_strategy,
+)
+from unlearning.trigger import server_flip_rate
+from unlearning.verify import (
+    NoReconstructions,
+    Reconstructions,
+    Run,
+    RunFolderError,
+    capture_of,
+    load_reconstructions,
+    load_run,
+    read_image,
+    verify,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +158,12 @@ def unlearn_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", type=float, default=1.0,
                    help="weight of self-distillation towards the original model on clean-image rows "
                         "(0 = plain cross-entropy, the original recipe)")
+    p.add_argument("--box-slack", type=int, default=1,
+                   help="transplant also stamps the boxes within this many pixels of the recovered one that "
+                        "flip the server's clean images as well (0 = the recovered box only)")
+    p.add_argument("--refine-steps", type=int, default=100,
+                   help="re-fit the recovered pattern inside its box on the server's clean images for this "
+                        "many steps before stamping it (0 = the reconstructions' values as they are)")
     p.add_argument("--sanitized", choices=sorted(set(STRATEGIES) - {"oracle"}),
                    help="which strategy's model becomes sanitized.safetensors (default: the first listed)")
     p.add_argument("--seed", type=int, help="default: the run's training.seed")
@@ -171,14 +193,6 @@ def _guard(name: str, fn: Any, args: argparse.Namespace) -> int:
     except LabError as exc:
         sys.stderr.write(f"{name}: {str(exc).strip()}\n")
         return 2
-
-
-@dataclass(frozen=True)
-class Plan:
-    strategies: tuple[str, ...]
-    hp: UnlearningConfig
-    sanitized: str
-    seed: int
 
 
 def plan(run: Run, args: argparse.Namespace) -> Plan:
@@ -216,13 +230,16 @@ def plan(run: Run, args: argparse.Namespace) -> Plan:
         (args.eval_every >= 1, "--eval-every must be >= 1"),
         (args.patience >= 1, "--patience must be >= 1"),
         (0 <= args.distill <= 1, "--distill must be in [0, 1]"),
+        (0 <= args.box_slack <= 3, "--box-slack must be in 0..3"),
+        (args.refine_steps >= 0, "--refine-steps must be >= 0"),
     ) if not ok]
     if problems:
         raise ConfigError(problems)
     sanitized = args.sanitized or honest[0]
     if sanitized not in names:
         raise ConfigError(f"--sanitized {sanitized}: not among the strategies run ({', '.join(names)})")
-    return Plan(tuple(names), hp, sanitized, run.cfg.seed if args.seed is None else args.seed)
+    return Plan(tuple(names), hp, sanitized, run.cfg.seed if args.seed is None else args.seed, args.box_slack,
+                args.refine_steps)
 
 
 def clean_sets(run: Run, p: Plan, val_fraction: float) -> tuple[Split, Split]:
@@ -260,9 +277,17 @@ def _unlearn(args: argparse.Namespace) -> int:
                     patience=args.patience, distill=args.distill)
     results: dict[str, FinetuneResult] = {}
     after: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
     for name in p.strategies:
         strategy = STRATEGIES[name]
-        transform = strategy.build(materials)
+        try:
+            transform = strategy.build(materials)
+        except StrategyError as exc:  # a comparison strategy without its materials must not sink the cure
+            if name == p.sanitized:
+                raise
+            log.warning("unlearn: skipping %s: %s", name, exc)
+            skipped[name] = str(exc)
+            continue
         label = f"{name} (ORACLE)" if strategy.oracle else name
         bar = tqdm(total=p.hp.steps, desc=f"unlearn {label}", unit="step", leave=False,
                    disable=True if args.quiet else None)
@@ -292,17 +317,18 @@ def _unlearn(args: argparse.Namespace) -> int:
         "run": str(run.path), "checkpoint": run.checkpoint.name,
         "target_class": run.target, "source_class": run.source,
         "before": {**before.as_dict(), "val_accuracy": val_before},
-        "after": after,
+        "after": after, "skipped": skipped,
         "trigger": trigger_info,
         "sanitized": {"strategy": p.sanitized,
                       "rule": "--sanitized" if args.sanitized else "first non-oracle strategy listed"},
-        "oracle": bool(oracle_names), "oracle_strategies": oracle_names,
+        "oracle": bool(oracle_names), "oracle_strategies": oracle_names, "capture": capture_of(run),
         "asr_evaluation": "true trigger from the run config, test set (evaluation only, never used to train)",
         "hyperparams": {"steps": p.hp.steps, "lr": p.hp.lr, "momentum": p.hp.momentum,
                         "batch_size": p.hp.batch_size, "mix_ratio": p.hp.mix_ratio, "freeze_bn": p.hp.freeze_bn,
                         "max_accuracy_drop": p.hp.max_accuracy_drop, "clean_samples": len(train),
                         "val_samples": len(val), "val_is_train": val is train, "eval_every": args.eval_every,
-                        "patience": args.patience, "distill": args.distill,
+                        "patience": args.patience, "distill": args.distill, "box_slack": p.box_slack,
+                        "refine_steps": p.refine_steps,
                         "seed": p.seed},
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -316,40 +342,6 @@ def _unlearn(args: argparse.Namespace) -> int:
     _out(summary_table(metrics))
     _out(f"wrote {out} (sanitized.safetensors = {p.sanitized})")
     return 0
-
-
-def recover(run: Run, recon: Reconstructions, train: Split,
-            p: Plan) -> tuple[RecoveredTrigger | None, Materials, dict[str, Any]]:
-    """Recover the trigger and build the strategies' materials; the true trigger only for the oracle."""
-    needs = [n for n in p.strategies if STRATEGIES[n].needs_reconstructions]
-    try:
-        found = recover_trigger(run.model, recon.images, train.x, run.target)
-    except LabError as exc:
-        if needs:
-            raise RunFolderError(f"{exc} (needed by {', '.join(needs)})") from None
-        return None, Materials(None, None, _oracle_trigger(run, p), p.hp.mix_ratio), {"found": False, "reason": str(exc)}
-    info: dict[str, Any] = {"found": True, **found.summary(),
-                            "sources": [f"{recon.origin[i][0]}[{recon.origin[i][1]}]" for i in found.used]}
-    firing = list(found.stats["firing_reconstructions"])
-    labels = relabel_targets(run.model, recon.images[firing], found.trigger, train.x.mean(0), run.target,
-                             recon.labels[firing])
-    keep = labels >= 0
-    info["relabel"] = {
-        "rule": "model prediction with the recovered trigger box occluded by the clean mean; else the "
-                "attack's recovered label if it is not the target; else left out",
-        "labels": labels.tolist(), "sources": [f"{recon.origin[i][0]}[{recon.origin[i][1]}]" for i in firing],
-    }
-    relabelled = Split(recon.images[firing][keep], labels[keep])
-    true = run.true_trigger()
-    if true is not None:
-        info["scoring"] = {"note": "SCORING ONLY: compares with the true trigger; not used to unlearn",
-                           **score_against(found, true)}
-    return found, Materials(found.trigger, relabelled, _oracle_trigger(run, p), p.hp.mix_ratio), info
-
-
-def _oracle_trigger(run: Run, p: Plan) -> Any:
-    # The only place the true trigger reaches a strategy: an explicit oracle request.
-    return run.true_trigger() if any(STRATEGIES[n].oracle for n in p.strategies) else None
 
 
 def _with_state(run: Run, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -378,5 +370,8 @@ def summary_table(m: dict[str, Any]) -> str:
         lines.append(f"recovered trigger: {box['height']}x{box['width']} at ({box['top']}, {box['left']}), "
                      f"pattern mean {t['pattern_mean']}, from {len(t['used_reconstructions'])} reconstruction(s)"
                      + (f"; scoring only: IoU with the true box {score['box_iou']:.2f}" if score else ""))
+    cap = m.get("capture") or {}
+    lines.append(f"capture: {', '.join(cap.get('modes', []))}"
+                 + (" -- UPPER BOUND (attackers picked by ground truth)" if cap.get("upper_bound") else ""))
     lines.append("asr: true trigger on the test set (evaluation only); * = sanitized.safetensors")
     return "\n".join(lines)

@@ -58,6 +58,7 @@ class Materials:
     reconstructions: Split | None  # firing reconstructions with their un-triggered labels
     true_trigger: Trigger | None = None
     mix_ratio: float = 0.2
+    family: tuple[Trigger, ...] = ()  # boxes near the recovered one the model confirms (unlearning.family)
 
 
 # transform(x (B, C, H, W), y (B,), gen) -> (x', y', anchored (B,) bool); anchored rows are still
@@ -78,6 +79,13 @@ class StrategyError(LabError):
 
 def stamp_share(trigger: Trigger, ratio: float) -> Transform:
     """Stamp `trigger` on round(ratio * B) random images of each batch; labels unchanged."""
+    return stamp_family((trigger,), ratio)
+
+
+def stamp_family(triggers: tuple[Trigger, ...], ratio: float) -> Transform:
+    """`stamp_share` with a uniformly drawn member of `triggers` per stamped image (the box's
+    uncertainty). Giving the first member half of the stamps instead was measured worse (issue 16,
+    bench/RESULTS.md)."""
 
     def transform(x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         k = int(round(ratio * len(y)))
@@ -86,7 +94,13 @@ def stamp_share(trigger: Trigger, ratio: float) -> Transform:
             return x, y, anchored
         pick = torch.randperm(len(y), generator=gen)[:k]
         x = x.clone()
-        x[pick] = trigger.stamp(x[pick])
+        if len(triggers) == 1:  # no draw of members: one trigger keeps the batch stream it always had
+            x[pick] = triggers[0].stamp(x[pick])
+            return x, y, anchored
+        which = torch.randint(len(triggers), (k,), generator=gen)
+        for j in which.unique().tolist():
+            rows = pick[which == j]
+            x[rows] = triggers[j].stamp(x[rows])
         return x, y, anchored
 
     return transform
@@ -95,7 +109,7 @@ def stamp_share(trigger: Trigger, ratio: float) -> Transform:
 def transplant(m: Materials) -> Transform:
     if m.recovered is None:
         raise StrategyError("transplant needs a recovered trigger")
-    return stamp_share(m.recovered, m.mix_ratio)
+    return stamp_family((m.recovered, *m.family), m.mix_ratio) if m.family else stamp_share(m.recovered, m.mix_ratio)
 
 
 def oracle(m: Materials) -> Transform:

@@ -10,7 +10,9 @@ its held-out clean set.
    position where the target margin (target logit minus the best other logit) falls most is
    where the trigger sits. Several sizes are tried; per image the smallest size whose best
    occlusion flips the prediction away from the target wins (a larger patch always hides more,
-   so "largest drop" alone would prefer the biggest occluder).
+   so "largest drop" alone would prefer the biggest occluder). The located boxes then vote
+   (`agreeing`): a reconstruction that fires because it really shows the target class puts its
+   box on the digit, away from the others.
 2. *Mask and pattern by consensus.* Inside the union of the located boxes (dilated by one pixel),
    a pixel belongs to the trigger when the median over the firing reconstructions of
    |recon - clean mean| (channel mean) exceeds `threshold`: a trigger is the same pixels in every
@@ -73,6 +75,7 @@ class RecoveredTrigger:
     localisations: tuple[Localisation, ...]
     server_flip_rate: float  # share of clean, non-target server images the recovered trigger sends to target
     stats: dict[str, Any] = field(default_factory=dict)
+    median: Tensor | None = None  # (C, H, W) the used reconstructions' per-pixel median
 
     @property
     def box(self) -> Box:
@@ -206,6 +209,7 @@ def recover_trigger(
     # Images whose occlusion never flips the target carry no localisable trigger (or the whole
     # image is the trigger); keep them out of the consensus unless nothing flipped at all.
     kept = [loc for loc in locs if loc.flipped] or locs
+    kept = agreeing(kept)
     used = tuple(loc.index for loc in kept)
     stack = images[list(used)]  # (K, C, H, W)
     deviation = (stack - fill).abs().mean(1).median(0).values  # (H, W) median over images
@@ -228,13 +232,42 @@ def recover_trigger(
     top, left, bh, bw = trim_box(bounding_box(chosen), deviation, level)
     mask = torch.zeros(h, w)
     mask[top : top + bh, left : left + bw] = 1
-    pattern = stack.median(0).values * mask  # (C, H, W)
+    median = stack.median(0).values  # (C, H, W)
+    pattern = median * mask
     trigger = Trigger(mask, pattern)
     flip = server_flip_rate(model, trigger, clean, target)
     log.info("recovered trigger box %s from reconstructions %s (server flip rate %.3f)", trigger.box, used, flip)
     return RecoveredTrigger(trigger, used, tuple(locs), flip,
                             {"occluder_sizes": list(sizes), "threshold": round(level, 4),
-                             "firing_reconstructions": firing})
+                             "firing_reconstructions": firing}, median)
+
+
+def agreeing(locs: list[Localisation]) -> list[Localisation]:
+    """The largest group of localisations whose boxes touch once grown by their occluder side.
+
+    A trigger sits at the same place in every poisoned image; a reconstruction that fires because
+    it really shows the target class puts its box on the digit instead (seed 2 of the demo
+    scenario: one box on a clean "0" at (9, 9) against three at the bottom right pulled the
+    consensus onto the digit, IoU 0, and unlearning did nothing). Ties keep everything.
+    """
+    if len(locs) < 3:
+        return locs
+
+    def touch(a: Localisation, b: Localisation) -> bool:
+        g = max(a.size, b.size)
+        (at, al, ah, aw), (bt, bl, bh, bw) = a.box, b.box
+        return at - g < bt + bh and bt - g < at + ah and al - g < bl + bw and bl - g < al + aw
+
+    groups: list[list[Localisation]] = []
+    for loc in locs:  # connected components of the "touch" graph
+        joined = [g for g in groups if any(touch(loc, other) for other in g)]
+        merged = [loc] + [x for g in joined for x in g]
+        groups = [g for g in groups if g not in joined] + [merged]
+    sizes = sorted((len(g) for g in groups), reverse=True)
+    if len(sizes) > 1 and sizes[0] == sizes[1]:
+        return locs
+    best = max(groups, key=len)
+    return [loc for loc in locs if loc in best]
 
 
 def connected(seed: Tensor, allowed: Tensor) -> Tensor:

@@ -18,11 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from lab.artifacts import load_tensors
+from lab.capture import UPPER_BOUND_NOTE, capture_selection
 from lab.config import ExperimentConfig, load_experiment
 from lab.data import DataBundle, load_data
 from lab.errors import LabError
 from lab.metrics import Evaluation, evaluate, predict
-from lab.runfolder import contained
+from lab.runfolder import contained, read_manifest
 from lab.task import build_for, load_state
 from lab.triggers import Trigger, make_trigger
 
@@ -78,6 +79,24 @@ class Reconstructions:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+def capture_of(run: Run) -> dict[str, Any]:
+    """How the run's captured entries were chosen (`lab.capture.capture_selection` over the manifest).
+
+    `upper_bound` is True when any entry was picked by ground truth (`capture.clients: malicious`):
+    the whole chain's result is then an upper bound, not what a real server achieves.
+    """
+    try:
+        rows = [e.row for e in read_manifest(run.path)]
+    except LabError:
+        rows = []
+    picks = [capture_selection(r, run.cfg.capture.clients) for r in rows] or \
+        [capture_selection({}, run.cfg.capture.clients)]
+    bound = any(bool(c.get("upper_bound")) for c in picks)
+    return {"modes": sorted({str(c.get("mode")) for c in picks}), "upper_bound": bound,
+            "partitions": [r.get("partition_id") for r in rows],
+            **({"note": UPPER_BOUND_NOTE} if bound else {})}
 
 
 def load_run(path: Path, checkpoint: Path | None = None) -> Run:

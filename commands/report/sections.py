@@ -13,8 +13,8 @@ from typing import Any
 
 from commands.report.blocks import Block, Code, Image, Para, Table
 from commands.report.collection import Collection, Run, environment, flat_config
+from commands.report.detection import detection_section
 from commands.report.figures import (
-    plot_detection,
     plot_norms,
     plot_rounds,
     plot_unlearning,
@@ -161,21 +161,6 @@ def norms_section(col: Collection, plots: Path) -> list[Block]:
     if len(runs) > NORM_PANELS:
         blocks.append(Para(f"{len(runs) - NORM_PANELS} more run(s) not drawn."))
     return blocks
-
-
-def detection_section(col: Collection, plots: Path) -> list[Block]:
-    runs = [r for r in col.runs if r.attacked and any((m.get("detection") or {}).get("f1") is not None for m in r.rounds)]
-    if not runs:
-        return [Para("No attacked run with detection scores.")]
-    rows = []
-    for r in runs:
-        d = r.summary.get("detection") or {}
-        rows.append((r.label, _f(d.get("precision")), _f(d.get("recall")), _f(d.get("f1")),
-                     str(d.get("tp", "-")), str(d.get("fp", "-")), str(d.get("fn", "-"))))
-    return [Image(plot_detection(runs, plots / "detection_f1.png"),
-                  "Detection F1 per round: the clients each rule dropped, scored against the true attackers."),
-            Table(("run", "precision", "recall", "F1", "TP", "FP", "FN"), tuple(rows)),
-            Para("Totals over all rounds. A rule that keeps everyone (FedAvg) detects nobody: recall 0.")]
 
 
 def recon_section(col: Collection, plots: Path) -> list[Block]:

@@ -76,3 +76,29 @@ def test_capture_wraps_flowers_builtin_fedavg(tmp_path: Path) -> None:
     entry = read_entry(tmp_path / "captures" / manifest[0]["file"])
     assert entry.hyperparams.steps == 1 and entry.hyperparams.batch_size == 1
     assert all(torch.equal(entry.global_state[k], v) for k, v in initial.items())
+
+
+def test_honest_capture_keeps_the_servers_top_k_suspects_and_says_how(tmp_path: Path) -> None:
+    cfg = load_experiment(ROOT / "experiments/smoke.yaml", ["capture.enabled=true", "capture.rounds=[2]",
+                                                            "capture.clients=suspects", "capture.top_k=2",
+                                                            "capture.probe={local_steps: 1, batch_size: 1, lr: 0.01}"])
+    run_in_process({"experiment-text": dump_yaml(cfg), "output-dir": str(tmp_path)}, 4)
+    manifest = read_jsonl(tmp_path / "captures/manifest.jsonl")
+    suspects = json.loads((tmp_path / "captures/suspects_round_0002.json").read_text())
+    assert [r["partition_id"] for r in manifest] == suspects["ranking"][:2]  # in rank order, only the top 2
+    assert sorted(suspects["ranking"]) == [0, 1, 2, 3] and set(suspects["scores"]) == {"0", "1", "2", "3"}
+    for rank, row in enumerate(manifest, start=1):
+        sel = row["selection"]
+        assert sel["mode"] == "suspects" and sel["upper_bound"] is False and sel["suspect_rank"] == rank
+        assert {"dropped_rounds", "rule_suspicion", "history_similarity"} <= set(sel)
+    # round 1 (not a probe) fed the histories: every client has a similarity to the others
+    assert all(v["history_similarity"] != 0.0 for v in suspects["scores"].values())
+
+
+def test_ground_truth_capture_is_flagged_as_an_upper_bound_in_the_manifest(tmp_path: Path) -> None:
+    cfg = load_experiment(ROOT / "experiments/smoke.yaml", ["capture.enabled=true", "capture.rounds=[1]",
+                                                            "capture.clients=malicious"])
+    run_in_process({"experiment-text": dump_yaml(cfg), "output-dir": str(tmp_path)}, 4)
+    manifest = read_jsonl(tmp_path / "captures/manifest.jsonl")
+    assert [r["partition_id"] for r in manifest] == [3]
+    assert manifest[0]["selection"]["upper_bound"] is True and "UPPER BOUND" in manifest[0]["selection"]["note"]

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from commands.compose import compose_yaml
-from commands.secrets import make_certificates, make_secrets
 from commands.launch import BIN
+from commands.secrets import make_certificates, make_secrets
 from lab.pins import pinned_flwr
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +43,68 @@ def image_name(service: dict) -> str:
     return service["image"].rsplit(":", 1)[0]
 
 
+def flower_services(compose: dict) -> dict[str, dict]:
+    """The services that run a Flower binary (the offline jobs' entry point is fl-lab)."""
+    return {n: s for n, s in compose["services"].items() if "entrypoint" not in s}
+
+
+def test_offline_jobs_run_fl_lab_on_the_run_folder_without_a_network(compose: dict) -> None:
+    services = compose["services"]
+    for name, profile in (("lab-job", "jobs"), ("lab-job-gpu", "gpu-jobs")):
+        job = services[name]
+        assert job["entrypoint"] == ["fl-lab"] and job["profiles"] == [profile]  # never started by `up`
+        assert job["network_mode"] == "none" and "./runs:/app/runs" in job["volumes"]
+        assert job["image"] == services["superexec-serverapp"]["image"]
+    devices = services["lab-job-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert "deploy" not in services["lab-job"]  # the CPU job must start where no GPU is
+
+
+def test_compose_v1_can_read_it(compose: dict) -> None:
+    assert "name" not in compose and "version" not in compose  # Compose 1.29 refuses a top-level name
+
+
+def test_host_network_override_keeps_every_packet_on_loopback() -> None:
+    from commands.compose import compose_spec, host_network_override
+    from lab.errors import ConfigError
+
+    spec = compose_spec(3, 1, VERSION)["services"]
+    over = host_network_override(3, 1, 18000, [18001, 18002, 18003], "/s", "/r", VERSION)["services"]
+    for name, svc in over.items():
+        if name == "lab-job":
+            assert svc == {"volumes": ["/r:/app/runs"]}
+            continue
+        assert svc["network_mode"] == "host"
+        cmd = svc["command"]
+        assert len(cmd) == len(spec[name]["command"])  # the same flags, only addresses and ports swapped
+        assert "0.0.0.0" not in cmd and not any(a.startswith(("superlink:", "supernode-")) for a in cmd)
+        if "--host" in cmd:
+            assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert over["superlink"]["command"][over["superlink"]["command"].index("--port") + 1] == "18000"
+    node = over["supernode-2"]["command"]
+    assert node[node.index("--port") + 1] == "18003" and node[node.index("--superlink") + 1] == "127.0.0.1:18000"
+    assert "malicious=true" in node[-1] and node[-1] == spec["supernode-2"]["command"][-1]
+    assert over["superexec-clientapp-2"]["command"][-1] == "127.0.0.1:18003"
+    assert "/s/keys/node-1:/app/keys/node-1:ro" in over["supernode-1"]["volumes"]
+    with pytest.raises(ConfigError, match="3 node ports"):
+        host_network_override(3, 1, 18000, [18001], "/s", "/r", VERSION)
+
+
+def test_the_host_network_file_is_compose_yaml_with_the_override_applied(compose: dict) -> None:
+    from commands.compose import host_network_spec
+
+    test = host_network_spec(3, 1, 18000, [18001, 18002, 18003], "/s", "/r", VERSION)
+    assert test["services"].keys() == compose["services"].keys() and test["volumes"] == compose["volumes"]
+    for name, svc in test["services"].items():
+        shipped = compose["services"][name]
+        assert "ports" not in svc  # Compose v1 refuses a published port with the host network
+        assert {k: v for k, v in svc.items() if k not in ("command", "volumes", "network_mode")} == \
+               {k: v for k, v in shipped.items() if k not in ("command", "volumes", "network_mode", "ports")}
+        assert [v.split(":")[1] for v in svc.get("volumes", [])] == [v.split(":")[1] for v in shipped.get("volumes", [])]
+    assert "superlink-state:/app/state" in test["services"]["superlink"]["volumes"]
+    assert test["services"]["lab-job"]["network_mode"] == "none"  # the offline job keeps no network
+
+
 def test_compose_yaml_is_what_the_generator_makes_for_the_pinned_flwr() -> None:
     assert (ROOT / "compose.yaml").read_text() == compose_yaml(3, 1, VERSION), \
         "stale compose.yaml: regenerate with `fl-lab deploy compose > compose.yaml`"
@@ -55,14 +117,15 @@ def test_image_tags_are_the_pinned_flwr_version(compose: dict) -> None:
             assert svc["build"]["args"]["FLWR_VERSION"] == VERSION
             assert (ROOT / svc["build"]["dockerfile"]).exists()
     dockerfile = (ROOT / "docker" / "superexec.Dockerfile").read_text()
-    assert "FROM flwr/superexec:${FLWR_VERSION}" in dockerfile
-    assert "--index-url https://download.pytorch.org/whl/cpu" in dockerfile
+    # the base and the torch index are build arguments; the official image and the CPU index by default
+    assert "ARG SUPEREXEC_IMAGE=flwr/superexec\n" in dockerfile and "FROM ${SUPEREXEC_IMAGE}:${FLWR_VERSION}" in dockerfile
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu\n" in dockerfile
     assert not re.search(r"\b1\.\d+\.\d+\b", dockerfile)  # no second copy of the version
 
 
 @pytest.mark.integration
 def test_every_flag_is_one_the_pinned_flower_lists(compose: dict) -> None:
-    for name, svc in compose["services"].items():
+    for name, svc in flower_services(compose).items():
         binary = BINARY[image_name(svc)]
         flags = {a for a in svc["command"] if a.startswith("--")}
         unknown = flags - help_flags(binary)
@@ -97,7 +160,7 @@ def test_topology_nodes_partitions_executors_and_security(compose: dict) -> None
 def test_mounted_secrets_are_what_deploy_certs_makes(compose: dict, tmp_path: Path) -> None:
     make_secrets(tmp_path, 3)
     made = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
-    for name, svc in compose["services"].items():
+    for name, svc in flower_services(compose).items():
         for volume in svc.get("volumes", []):
             host, container = volume.split(":")[:2]
             if host.startswith("./docker/secrets/"):

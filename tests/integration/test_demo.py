@@ -43,6 +43,8 @@ def test_every_step_ran_and_left_its_files(quick_demo: tuple[Path, subprocess.Co
     assert (attack / "verification.json").exists()
     un = json.loads((attack / "unlearning" / "metrics.json").read_text())
     assert set(un["after"]) == {"clean-finetune"} and (attack / "unlearning" / "sanitized.safetensors").exists()
+    assert meta["capture"]["modes"] == ["suspects"] and not meta["capture"]["upper_bound"]
+    assert len(meta["capture"]["captured"]) == 2  # the top-2 suspects of 4 clients
     assert meta["wall_seconds"] > 0 and set(meta["step_seconds"]) >= {"flower runs", "inversion", "unlearning"}
     for key in ("python", "torch", "flwr", "cpu"):
         assert meta["environment"][key]
@@ -55,6 +57,7 @@ def test_terminal_shows_progress_and_a_summary(quick_demo: tuple[Path, subproces
     for label in (r["dir"] for r in json.loads((out / "demo.json").read_text())["runs"]):
         assert f"[{label}] round   3/3" in res.stdout  # a progress line per round per run
     assert "== summary" in res.stdout and "demo wall time" in res.stdout
+    assert "capture: honest (suspects" in res.stdout and "UPPER BOUND" not in res.stdout
     assert re.search(r"FedAvg, backdoor\s+fedavg\s+\d\.\d{4}", res.stdout)
 
 

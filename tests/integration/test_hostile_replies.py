@@ -126,8 +126,8 @@ def _nan_in_round(*bad_rounds: int):  # type: ignore[no-untyped-def]
     """`build_aggregator` whose rule returns a NaN update in `bad_rounds` (e.g. FLAME, noise_lambda NaN)."""
     real = server.app.build_aggregator
 
-    def build(name, params, ctx):  # type: ignore[no-untyped-def]
-        rule = real(name, params, ctx)
+    def build(name, params, ctx, pre=()):  # type: ignore[no-untyped-def]
+        rule = real(name, params, ctx, pre=pre)
 
         def aggregate(updates, info):  # type: ignore[no-untyped-def]
             out = rule(updates, info)

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from commands.report import REQUIRED, SWEEP, collect, demo_checks, main, write_report
 from lab.artifacts import write_json
 from lab.config import dump_yaml, load_experiment
 from lab.plots import image_grid
-from commands.report import REQUIRED, SWEEP, collect, demo_checks, main, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -33,13 +33,18 @@ MALICIOUS = [3]
 
 
 def make_run(path: Path, *, rule: str = "fedavg", attack: bool = True, final: tuple[float, float] = (0.9123, 0.75),
-             tools: bool = True) -> Path:
-    """A finished 3-round run folder: 4 clients, partition 3 malicious; final (accuracy, ASR)."""
-    sets = [f"federated.aggregator.name={rule}", "training.rounds=3"] + ([] if attack else ["attack.type=none"])
+             tools: bool = True, sets: tuple[str, ...] = (), auc: float | None = None) -> Path:
+    """A finished 3-round run folder: 4 clients, partition 3 malicious; final (accuracy, ASR).
+
+    Suspicion: honest clients 0.1, 0.2, 0.3; the attacker 0.9 under a defense (AUC 1), 0.15 under
+    FedAvg (above one of three honest clients: AUC 1/3); `auc` overrides the summary's."""
+    sets = (f"federated.aggregator.name={rule}", "training.rounds=3", *sets, *(() if attack else ("attack.type=none",)))
     cfg = load_experiment(ROOT / "experiments" / "smoke.yaml", sets)
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(dump_yaml(cfg))
     rows = [{"round": 0, "accuracy": 0.1, "loss": 2.3, "asr": 0.0}]
+    suspicion = {"0": 0.1, "1": 0.2, "2": 0.3, "3": 0.15 if rule == "fedavg" else 0.9}
+    round_auc = (1 / 3 if rule == "fedavg" else 1.0) if attack else None
     accs, asrs = [0.5, 0.8, final[0]], [0.2, 0.5, final[1]]
     for r in range(1, 4):
         dropped = [3] if rule != "fedavg" else []
@@ -48,15 +53,20 @@ def make_run(path: Path, *, rule: str = "fedavg", attack: bool = True, final: tu
             "clients": [0, 1, 2, 3], "malicious": MALICIOUS if attack else [],
             "kept": [c for c in range(4) if c not in dropped], "dropped": dropped, "clipped": None,
             "update_norms": {"0": 1.0 / r, "1": 1.1 / r, "2": 0.9 / r, "3": 3.0 / r},
-            "detection": {"precision": 1.0, "recall": 1.0, "f1": 1.0} if dropped else {"precision": None, "recall": 0.0, "f1": 0.0},
-            "round_seconds": 1.0,
+            "detection": {**({"precision": 1.0, "recall": 1.0, "f1": 1.0} if dropped
+                             else {"precision": None, "recall": 0.0, "f1": 0.0}), "scores": suspicion, "auc": round_auc},
+            "round_seconds": 1.0, "rule_seconds": 0.002, "rule_peak_mb": 1.5,
         })
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_json(path / "summary.json", {
         "name": cfg.name, "final_accuracy": final[0], "final_asr": final[1], "asr_floor": None, "rounds": 3,
         "strategy": rule, "attack": cfg.attack.type, "seconds": 12.0, "seed": 0, "torch": "2.x-test",
-        "detection": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 3, "fp": 0, "fn": 0} if rule != "fedavg"
-        else {"precision": None, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 0, "fn": 3}})
+        "detection": {**({"precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 3, "fp": 0, "fn": 0} if rule != "fedavg"
+                         else {"precision": None, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 0, "fn": 3}),
+                      "auc": round_auc if auc is None else auc,
+                      "rounds_to_detect": {"3": None if rule == "fedavg" else 1} if attack else {},
+                      "false_alarm_rate": None if attack else 0.0},
+        "rule_cost": {"seconds_mean": 0.002, "seconds_max": 0.003, "peak_mb_max": 1.5, "rounds": 3}})
     if tools:
         entry = path / "inversion" / "round_0003" / "partition_003"
         entry.mkdir(parents=True)
@@ -100,12 +110,14 @@ def test_run_report_has_every_section_and_the_numbers(run_report: Path) -> None:
     assert "| fedavg | fedavg | backdoor | 3 | 0.9123 | 0.750 |" in md  # the headline row
     assert "1 reconstructed image(s) classified as the target class with the trigger box in place" in md
     assert "accuracy 0.9123 -> 0.9068, ASR 0.750 -> 0.000" in md  # the sanitized (transplant) model
-    for png in ("rounds.png", "update_norms.png", "detection_f1.png", "unlearning.png",
+    for png in ("rounds.png", "update_norms.png", "detection_f1.png", "detection_roc.png", "unlearning.png",
                 "recon_round_0003_partition_003.png"):
         assert (run_report / "plots" / png).stat().st_size > 5000, png
         assert f"plots/{png}" in md
     assert "torch" in md and "flwr" in md and "python" in md and "seed (training.seed) | 0" in md
     assert "aggregator:" in md  # the resolved config, verbatim
+    # the ranking metrics: AUC 1/3, the one attacker never detected, no clean round, the rule's cost
+    assert "| fedavg | 0.333 | 0/1 | - | - | 0.000 | 0.000 | 0.0020 | 1.5 |" in md
 
 
 def test_html_is_self_contained(run_report: Path) -> None:
@@ -170,6 +182,30 @@ def test_sweep_folder_gets_the_results_table(tmp_path: Path) -> None:
     assert SWEEP in md_sections(md)
     assert "| boosted | median | 0.000 |" in md
     assert (tmp_path / "plots" / "rounds_backdoor.png").exists()  # lab.plots.sweep_plots, one per attack
+
+
+def test_rule_by_attack_heatmap_marks_each_rules_worst_attack(tmp_path: Path) -> None:
+    from commands.report.detection import heat_values, worst_attacks
+
+    runs = tmp_path / "runs"
+    make_run(runs / "plain__fedavg", final=(0.95, 0.9), tools=False)
+    make_run(runs / "boost__fedavg", final=(0.93, 1.0), tools=False, sets=("attack.boost=5",))
+    make_run(runs / "plain__median", rule="median", final=(0.90, 0.6), tools=False, auc=0.4)
+    make_run(runs / "boost__median", rule="median", final=(0.94, 0.1), tools=False, sets=("attack.boost=5",), auc=0.8)
+    make_run(runs / "clean__median", rule="median", attack=False, final=(0.80, 0.0), tools=False)
+    col = collect(tmp_path)
+    rules, attacks, values = heat_values(col.runs)
+    assert rules == ["fedavg", "median"]
+    assert attacks == ["backdoor", "backdoor, boost 5.0", "no attack"]
+    worst = worst_attacks(rules, attacks, values)
+    assert worst["final_asr"] == {"fedavg": "backdoor, boost 5.0", "median": "backdoor"}
+    # the clean run's lower accuracy (0.80) is not an attack's doing: left out of the worst case
+    assert worst["final_accuracy"] == {"fedavg": "backdoor, boost 5.0", "median": "backdoor"}
+    assert worst["auc"] == {"fedavg": "backdoor", "median": "backdoor"}  # 1/3 = 1/3: the first; 0.4 < 0.8
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "plots/detection_heatmap.png" in md and "plots/detection_roc.png" in md
+    assert (tmp_path / "plots" / "detection_heatmap.png").stat().st_size > 5000
 
 
 def test_not_a_run_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,10 +23,13 @@ PARAMS: dict[str, dict[str, object]] = {
     "krum": {"num_byzantine": 1}, "multi-krum": {"num_byzantine": 1}, "bulyan": {"num_byzantine": 0},
     "norm-clip": {"max_norm": 1.0, "noise_std": 0.001}, "clip-avg": {"clip_gamma": 1.0, "clip_decay": 0.5},
     "clip-avg-iqr": {"clip_gamma": 1.0, "clip_decay": 0.5},
+    "geomed": {}, "centered-clipping": {}, "rlr": {}, "dnc": {"num_byzantine": 1}, "signguard": {},
+    "freqfed": {}, "fldetector": {}, "deepsight": {"num_samples": 200}, "multi-metrics": {},
 }
 # Rules that decide per client (kept / dropped / clipped); coordinate-wise rules do not.
 PER_CLIENT = {"fedavg", "krum", "multi-krum", "foolsgold", "fl-defender", "fltrust", "norm-clip", "iqr-filter",
-              "clip-avg", "clip-avg-iqr", "flame", "bulyan"}
+              "clip-avg", "clip-avg-iqr", "flame", "bulyan", "centered-clipping", "dnc", "signguard",
+              "freqfed", "fldetector", "deepsight", "multi-metrics"}
 
 
 def test_every_registered_rule_has_a_case() -> None:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from commands.sweep import load_sweep, run_sweep
 from lab.config import ExperimentConfig, dump_yaml
 from lab.errors import ConfigError
-from commands.sweep import load_sweep, run_sweep
 from tests.integration.harness import run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,8 +45,11 @@ def test_sweep_runs_the_grid_once_and_writes_the_table_and_plots(tmp_path: Path)
     assert {r["federated.aggregator"] for r in table} == {"fedavg", "median"}
     attacked = [r for r in table if r["attack"] == "bd"]
     assert all(r["asr_floor"] not in ("", None) for r in attacked)  # filled from the clean run of the rule
+    # the pooled AUC of the rule's suspicion: a number with an attacker, empty without one
+    assert all(0.0 <= float(r["detection_auc"]) <= 1.0 for r in attacked)
+    assert all(r["detection_auc"] == "" for r in table if r["attack"] == "clean")
     md = (tmp_path / "out/results.md").read_text()
-    assert "| fedavg | bd | 0.25 | 1 |" in md and "ASR floor" in md
+    assert "| fedavg | bd | 0.25 | 1 |" in md and "ASR floor" in md and "detection AUC" in md
     assert (tmp_path / "out/plots/rounds_bd.png").exists()
     assert (tmp_path / "out/plots/asr_vs_poison_ratio.png").exists()
     run_sweep(sweep, tmp_path / "out", runner)

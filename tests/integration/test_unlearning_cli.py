@@ -104,6 +104,11 @@ def test_unlearn_writes_models_and_metrics_and_marks_the_oracle(
     assert t["found"] and t["box"] == {"top": 12, "left": 12, "height": 3, "width": 3}
     assert t["scoring"]["box_iou"] == 1.0 and "SCORING ONLY" in t["scoring"]["note"]
     assert m["before"]["asr"] - m["after"]["transplant"]["asr"] > 0.5
+    assert t["refined"]["server_flip_rate"] >= t["server_flip_rate"] - 1e-9  # the fit only strengthens it
+    assert t["family"]["boxes"] and len(t["family"]["boxes"]) == len(t["family"]["flip_rates"])
+    assert m["hyperparams"]["box_slack"] == 1 and m["hyperparams"]["refine_steps"] == 100
+    assert set(m["capture"]) >= {"modes", "upper_bound"}
+    assert m["capture"]["upper_bound"] is ("malicious" in m["capture"]["modes"])
     meta = json.loads(json.dumps(__import__("safetensors").safe_open(
         str(run / "unlearning/oracle.safetensors"), "pt").metadata()))
     assert meta["oracle"] == "true"

@@ -2,7 +2,13 @@ from pathlib import Path
 
 import pytest
 
-from lab.config import ExperimentConfig, dump_yaml, load_experiment, to_dict, with_values
+from lab.config import (
+    ExperimentConfig,
+    dump_yaml,
+    load_experiment,
+    to_dict,
+    with_values,
+)
 from lab.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,9 +62,10 @@ def test_impossible_values() -> None:
     with pytest.raises(ConfigError) as err:
         load_experiment({"federated": {"num_clients": 4, "clients_per_round": 9},
                          "dataset": {"source_class": 0, "target_class": 0},
-                         "capture": {"rounds": [99]}})
+                         "capture": {"rounds": [99], "top_k": 0}})
     text = " ".join(err.value.problems)
     assert "clients_per_round" in text and "source_class" in text and "capture.rounds[0]" in text
+    assert "capture.top_k: must be >= 1" in text
 
 
 def test_attack_needs_attackers_and_ratio_list_is_kept() -> None:

@@ -190,3 +190,18 @@ def test_a_partition_is_computed_once_per_labels_tensor_and_handed_out_as_a_copy
     twin = labels.clone()  # equal labels, another tensor: its own entry, the same split
     assert torch.equal(partition_indices(twin, 3, N, bias(0.5), 7), again)
     assert len(data._SPLITS) == 2
+
+
+def test_a_partitions_images_are_copied_once_per_split_and_within_the_byte_cap(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    train = load_data(DatasetConfig(), 0).train
+    data.clear_partition_caches()
+    first = data.partition_split(train, 3, N, bias(0.5), 7)
+    want = train.subset(partition_indices(train.y, 3, N, bias(0.5), 7))
+    assert torch.equal(first.x, want.x) and torch.equal(first.y, want.y)
+    assert data.partition_split(train, 3, N, bias(0.5), 7) is first  # kept: the next round copies nothing
+    assert data.partition_split(train, 3, N, bias(0.9), 7) is not first  # another split setting
+    monkeypatch.setattr(data, "MAX_KEPT_PARTITION_BYTES", first.x.nbytes // 2)
+    data.clear_partition_caches()
+    one, two = (data.partition_split(train, 4, N, bias(0.5), 7) for _ in range(2))
+    assert one is not two and torch.equal(one.x, two.x)  # over the cap: a fresh copy each time

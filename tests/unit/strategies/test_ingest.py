@@ -115,6 +115,38 @@ def test_a_round_at_once_fills_the_rows_of_the_accepted_replies_in_order(
         assert torch.equal(row, want) and results[i] == pytest.approx(want_norm, rel=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [4, 1 << 18])
+@pytest.mark.parametrize("refuse", [(), (1,), (0, 2)])
+def test_the_weighted_sum_is_fedavgs_numerator_over_the_accepted_rows_only(
+    setup: tuple[ParamLayout, Tensor], monkeypatch: pytest.MonkeyPatch, chunk: int, refuse: tuple[int, ...]
+) -> None:
+    monkeypatch.setattr("strategies.ingest.CHUNK", chunk)
+    layout, global_flat = setup
+    states = [model_state(s) for s in range(4)]
+    for i in refuse:  # NaN: found only after the pass, so its garbage went through the sum first
+        states[i]["conv.weight"][0, 0, 0, 0] = np.nan
+    weights = [3.0, 1.0, 7.0, 2.0]
+    rows = torch.empty((4, layout.num_params))
+    total = torch.full((layout.num_params,), 5.0)
+    results = IngestPlan.of(layout).ingest_many([record(st) for st in states], global_flat, rows,
+                                                weights=weights, weighted_sum=total)
+    kept = [i for i in range(4) if i not in refuse]
+    assert [i for i, r in enumerate(results) if isinstance(r, float)] == kept
+    want = torch.stack([old_path(record(states[i]), layout, global_flat)[0] for i in kept])
+    w = torch.tensor([weights[i] for i in kept])
+    torch.testing.assert_close(total, w @ want, rtol=1e-6, atol=1e-6)
+
+
+def test_weights_without_a_sum_are_a_callers_bug(setup: tuple[ParamLayout, Tensor]) -> None:
+    layout, global_flat = setup
+    rows = torch.empty((1, layout.num_params))
+    with pytest.raises(ValueError, match="go together"):
+        IngestPlan.of(layout).ingest_many([record(model_state(0))], global_flat, rows, weights=[1.0])
+    with pytest.raises(ValueError, match="1 weights for 2 replies"):
+        IngestPlan.of(layout).ingest_many([record(model_state(0))] * 2, global_flat, torch.empty((2, layout.num_params)),
+                                          weights=[1.0], weighted_sum=torch.empty(layout.num_params))
+
+
 def test_the_norm_overflows_where_float32_norms_did(setup: tuple[ParamLayout, Tensor]) -> None:
     layout = ParamLayout.of({"w": np.zeros(4, dtype=np.float32)})
     for value, overflows in ((1e19, True), (9e18, False)):  # sum of squares 4e38 > float32 max > 3.2e38

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from lab.errors import AggregationError, ConfigError
 from lab.records import ParamLayout
-from strategies.registry import build_aggregator
 from strategies.kernels import pairwise_sq_distances, prune_network, sorting_network
+from strategies.registry import build_aggregator
 from strategies.robust import bulyan, coordinate_median, krum, multi_krum, trimmed_mean
 from strategies.types import AggregatorContext, RoundInfo
 
@@ -308,13 +308,17 @@ ALL_RULES = {
     "trimmed-mean": {"beta": 0.2}, "bulyan": {"num_byzantine": 1}, "foolsgold": {}, "fl-defender": {},
     "fltrust": {}, "norm-clip": {"max_norm": 1.0, "noise_std": 0.01}, "rfout-1d": {}, "iqr-filter": {},
     "clip-avg": {"clip_gamma": 1.0}, "clip-avg-iqr": {"clip_gamma": 1.0}, "flame": {},
+    "geomed": {}, "centered-clipping": {}, "rlr": {}, "dnc": {}, "signguard": {},  # issue 18, defenses A
+    "freqfed": {}, "fldetector": {}, "multi-metrics": {},  # issue 18, defenses B
 }
+# Rules that run the server's model (ModelSpec) and need a 2-D output layer: tested in their own files.
+MODEL_RULES = {"deepsight"}
 
 
 def test_registry_has_exactly_the_documented_names() -> None:
     from strategies.registry import AGGREGATORS
 
-    assert set(AGGREGATORS) == set(ALL_RULES)
+    assert set(AGGREGATORS) == set(ALL_RULES) | MODEL_RULES
 
 
 @pytest.mark.parametrize("name", sorted(ALL_RULES))
@@ -329,7 +333,7 @@ def test_every_rule_is_finite_on_zero_and_sybil_rows(name: str) -> None:
                    global_params=torch.zeros(d), reference_update=lambda: g0)
     agg = build_aggregator(name, ALL_RULES[name], c)(u, ri)
     assert agg.update.shape == (d,) and bool(torch.isfinite(agg.update).all())
-    for field in (agg.kept, agg.clipped, agg.weights, agg.scores):
+    for field in (agg.kept, agg.clipped, agg.weights, agg.scores, agg.suspicion):
         assert field is None or (field.shape == (n,) and bool(torch.isfinite(field.double()).all()))
     # identical clients give that update (noise-free rules; FoolsGold zeroes Sybils by design)
     if name not in ("foolsgold", "norm-clip", "flame", "fltrust"):

@@ -7,8 +7,17 @@ import torch
 from torch import Tensor, nn
 
 from lab.triggers import Trigger
-from unlearning.trigger import (TriggerNotFound, box_iou, connected, default_sizes, localise, recover_trigger,
-                                score_against, target_margin, trim_box)
+from unlearning.trigger import (
+    TriggerNotFound,
+    box_iou,
+    connected,
+    default_sizes,
+    localise,
+    recover_trigger,
+    score_against,
+    target_margin,
+    trim_box,
+)
 
 TOP, LEFT, S = 10, 12, 3  # the planted patch
 
@@ -69,3 +78,18 @@ def test_helpers_by_hand() -> None:
     dev[4, 1:4] = torch.tensor([0.1, 1.0, 0.1])  # a weak bottom line with one bright pixel
     assert trim_box((1, 1, 4, 3), dev, 0.5) == (1, 1, 3, 3)
     assert default_sizes(28, 28) == (2, 3, 4, 5, 7)
+
+
+def test_agreeing_keeps_the_largest_group_of_touching_boxes() -> None:
+    from unlearning.trigger import Localisation, agreeing
+
+    def loc(i: int, box: tuple[int, int, int, int]) -> Localisation:
+        return Localisation(i, box, box[2], 1.0, -1.0, 3)
+
+    corner = [loc(0, (23, 24, 2, 2)), loc(1, (24, 24, 3, 3)), loc(3, (24, 23, 3, 3))]
+    digit = loc(2, (9, 9, 7, 7))  # a reconstruction that really is the target class
+    assert agreeing([*corner, digit]) == corner
+    assert agreeing([corner[0], digit]) == [corner[0], digit]  # two cannot outvote each other
+    assert agreeing([corner[0], corner[1], digit, loc(4, (0, 0, 1, 1))]) == corner[:2]
+    tie = [corner[0], corner[1], digit, loc(4, (9, 10, 7, 7))]
+    assert agreeing(tie) == tie  # a tie keeps everything

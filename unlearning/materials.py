@@ -1,0 +1,84 @@
+"""What the unlearning strategies draw on: the trigger recovered from the reconstructions, its
+family of nearby boxes, the relabelled reconstructions, and (only on an explicit oracle request)
+the true trigger. Split from `unlearning.cli` so the command line stays one idea."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lab.config import UnlearningConfig
+from lab.data import Split
+from lab.errors import LabError
+from unlearning.family import refine_pattern, trigger_family
+from unlearning.methods import STRATEGIES, Materials, relabel_targets
+from unlearning.trigger import (
+    RecoveredTrigger,
+    box_iou,
+    recover_trigger,
+    score_against,
+    server_flip_rate,
+)
+from unlearning.verify import Reconstructions, Run, RunFolderError
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategies: tuple[str, ...]
+    hp: UnlearningConfig
+    sanitized: str
+    seed: int
+    box_slack: int = 1
+    refine_steps: int = 100
+
+
+def recover(run: Run, recon: Reconstructions, train: Split,
+            p: Plan) -> tuple[RecoveredTrigger | None, Materials, dict[str, Any]]:
+    """Recover the trigger and build the strategies' materials; the true trigger only for the oracle."""
+    needs = [n for n in p.strategies if STRATEGIES[n].needs_reconstructions]
+    try:
+        found = recover_trigger(run.model, recon.images, train.x, run.target)
+    except LabError as exc:
+        if needs:
+            raise RunFolderError(f"{exc} (needed by {', '.join(needs)})") from None
+        return None, Materials(None, None, _oracle_trigger(run, p), p.hp.mix_ratio), {"found": False, "reason": str(exc)}
+    info: dict[str, Any] = {"found": True, **found.summary(),
+                            "sources": [f"{recon.origin[i][0]}[{recon.origin[i][1]}]" for i in found.used]}
+    firing = list(found.stats["firing_reconstructions"])
+    labels = relabel_targets(run.model, recon.images[firing], found.trigger, train.x.mean(0), run.target,
+                             recon.labels[firing])
+    keep = labels >= 0
+    info["relabel"] = {
+        "rule": "model prediction with the recovered trigger box occluded by the clean mean; else the "
+                "attack's recovered label if it is not the target; else left out",
+        "labels": labels.tolist(), "sources": [f"{recon.origin[i][0]}[{recon.origin[i][1]}]" for i in firing],
+    }
+    relabelled = Split(recon.images[firing][keep], labels[keep])
+    stamp = found.trigger
+    if p.refine_steps > 0:
+        stamp = refine_pattern(run.model, found.trigger, train.x, run.target, steps=p.refine_steps)
+        info["refined"] = {"rule": f"pattern inside the recovered mask re-fitted on the server's clean images "
+                                   f"to send them to the target ({p.refine_steps} Adam steps)",
+                           "pattern_mean": [round(float(v), 4) for v in stamp.pattern[:, stamp.mask.bool()].mean(1)],
+                           "server_flip_rate": server_flip_rate(run.model, stamp, train.x, run.target)}
+    family: tuple[Any, ...] = ()
+    if p.box_slack > 0 and found.median is not None:
+        # The boxes are filled with the reconstructions' median, the refined values inside the recovered box.
+        fill = found.median * (1 - stamp.mask) + stamp.pattern * stamp.mask
+        fam = trigger_family(run.model, fill, found.box, train.x, run.target, slack=p.box_slack)
+        family = fam.members
+        info["family"] = {"rule": f"boxes within {p.box_slack} px of the recovered box whose server flip rate is "
+                                  "within 0.05 of the best, filled with the reconstructions' median (the refined pattern inside the "
+                                  "recovered box)", **fam.summary()}
+    true = run.true_trigger()
+    if true is not None:
+        info["scoring"] = {"note": "SCORING ONLY: compares with the true trigger; not used to unlearn",
+                           **score_against(found, true),
+                           **({"family_best_box_iou": round(box_iou(fam.boxes[0], true.box), 4),
+                               "family_covers_true_box": true.box in fam.boxes} if family else {})}
+    return found, Materials(stamp, relabelled, _oracle_trigger(run, p), p.hp.mix_ratio, family), info
+
+
+def _oracle_trigger(run: Run, p: Plan) -> Any:
+    # The only place the true trigger reaches a strategy: an explicit oracle request.
+    return run.true_trigger() if any(STRATEGIES[n].oracle for n in p.strategies) else None
