@@ -108,21 +108,6 @@ def num_byzantine(n: int) -> int:
 # ---------------------------------------------------------------------------------------------- worker
 
 
-def _mem_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _make_updates(n: int, d: int):
     import torch
 
@@ -133,15 +118,15 @@ def _make_updates(n: int, d: int):
 
 
 def _measure(run: Callable[[], Any], prepare: Callable[[], Any], repeats: int) -> dict[str, float]:
+    from lab.cost import (
+        measured,  # the same VmHWM reading the server's rule_peak_mb uses
+    )
+
     arg = prepare()
-    base = _mem_kb("VmRSS")
-    exact = _reset_peak()
-    run_arg = arg
-    t0 = time.perf_counter()
-    run(run_arg)
-    first = time.perf_counter() - t0
-    peak_kb = _mem_kb("VmHWM") - base if exact else float("nan")
-    del run_arg
+    _, cost = measured(lambda: run(arg))
+    first = cost.seconds
+    peak_mb = float("nan") if cost.peak_mb is None else cost.peak_mb
+    del arg
     times, cpu = [], []
     for _ in range(repeats):
         arg = prepare()
@@ -150,7 +135,7 @@ def _measure(run: Callable[[], Any], prepare: Callable[[], Any], repeats: int) -
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)  # not counting the time other users' processes held the core
     return {"seconds": min(times) if times else first, "cpu_seconds": min(cpu) if cpu else float("nan"),
-            "first": first, "peak_mb": peak_kb / 1024}
+            "first": first, "peak_mb": peak_mb}
 
 
 def worker(kind: str, name: str, n: int, d: int, repeats: int, num_arrays: int = NUM_ARRAYS) -> dict[str, float]:
