@@ -77,7 +77,8 @@ def isolate(run_dir: Path) -> dict[str, object]:
     _, h, w = run.data.image_shape
     budget = Budget(p.hp.steps, p.hp.lr, p.hp.momentum, p.hp.batch_size, p.hp.freeze_bn,
                     min_accuracy=accuracy(run.model, val) - p.hp.max_accuracy_drop, eval_every=args.eval_every,
-                    patience=args.patience, distill=args.distill)
+                    patience=args.patience, distill=args.distill, target_penalty=args.target_penalty,
+                    penalty_margin=args.penalty_margin)
     test = run.data.test
     src = torch.nonzero(test.y == run.source).flatten()
     clean_conf = predict(run.model, test.x[src]).softmax(1)[:, run.source]
@@ -106,7 +107,8 @@ def isolate(run_dir: Path) -> dict[str, object]:
     only = set(ONLY) if ONLY else set(transforms)
     for name, transform in ((n, t) for n, t in transforms.items() if n in only):
         res = finetune(run.model, train, val, transform, budget,
-                       generator(p.seed, "unlearning-order"), generator(p.seed, "unlearning", "transplant"))
+                       generator(p.seed, "unlearning-order"), generator(p.seed, "unlearning", "transplant"),
+                       target=run.target)
         model = _copy(run.model, res.state)
         ev = run.evaluate(model)
         fire = predict(model, true.stamp(test.x[src])).argmax(1) == run.target

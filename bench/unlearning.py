@@ -8,7 +8,9 @@ folders are only read, outputs go to OUT/<variant>/<run name>/ (`fl-lab unlearn 
 For every strategy and the oracle it reports mean, sd and worst case over the runs of: ASR after,
 source-class test images still firing, accuracy change; and the recovered trigger's box IoU with
 the true one (scoring only), the capture's precision (captured partitions that were attackers,
-scoring only) and whether the capture was honest. The acceptance of issue 16 is checked on the
+scoring only) and whether the capture was honest. Every run is unlearned with `--force`; a run whose
+recovered trigger the server's own check refuses (`--min-flip-rate`, exit 3 without --force) is
+listed as refused and counted as uncured (its ASR before) by the acceptance. The acceptance of issue 16 is checked on the
 sanitized strategy: mean ASR <= floor + 0.02, at most one source image firing on every run,
 accuracy >= before - 0.01 on every run. The floor is the mean ASR of the `--floor` runs' final
 models with the attacked runs' trigger (0.0 when none is given, and then said so).
@@ -79,8 +81,11 @@ def fmt(s: dict[str, float], spec: str = ".4f") -> str:
     return "-" if not s else f"{s['mean']:{spec}} ± {s['sd']:{spec}} (worst {s['worst']:{spec}})"
 
 
-def summarise(rows: list[tuple[Path, dict[str, Any], dict[str, Any], int]], floor: float) -> dict[str, Any]:
-    """Per strategy: ASR after, images firing, accuracy change; trigger IoU; acceptance."""
+def summarise(rows: list[tuple[Path, dict[str, Any], dict[str, Any], int]], floor: float,
+              failed: list[str] | None = None) -> dict[str, Any]:
+    """Per strategy: ASR after, images firing, accuracy change; trigger IoU; acceptance.
+
+    `failed`: runs `fl-lab unlearn` could not cure at all (no trigger recovered): they fail the acceptance."""
     strategies = [s for s in rows[0][1]["after"] if all(s in m["after"] for _, m, _, _ in rows)]
     out: dict[str, Any] = {"runs": [str(r) for r, *_ in rows], "floor": floor, "strategies": {}}
     for s in strategies:
@@ -98,13 +103,27 @@ def summarise(rows: list[tuple[Path, dict[str, Any], dict[str, Any], int]], floo
     out["capture"] = [c for _, _, c, _ in rows]
     s = rows[0][1]["sanitized"]["strategy"]
     st = out["strategies"][s]
+    # A run the server's own check refuses (`fl-lab unlearn` exit 3) leaves the user the original model:
+    # the bench measures it with --force, but the acceptance counts it as uncured.
+    out["refused"] = [str(r) for r, m, _, _ in rows if refused(m)]
+    asr = [m["before"]["asr"] if refused(m) else a for (_, m, _, _), a in zip(rows, st["per_run_asr"])]
+    firing = [round(a * n) for (_, _, _, n), a in zip(rows, asr)]
     out["acceptance"] = {
         "strategy": s,
-        f"mean ASR <= floor + 0.02 ({floor + 0.02:.4f})": st["asr"]["mean"] <= floor + 0.02,
-        "<= 1 source image firing on every run": max(st["per_run_firing"]) <= 1,
+        f"mean ASR <= floor + 0.02 ({floor + 0.02:.4f})": statistics.mean(asr) <= floor + 0.02,
+        "<= 1 source image firing on every run": max(firing) <= 1,
         "accuracy >= before - 0.01 on every run": min(st["per_run_accuracy_change"]) >= -0.01 - 1e-9,
+        "every run unlearned": not failed,
     }
+    out["failed"] = list(failed or [])
     return out
+
+
+def refused(metrics: dict[str, Any]) -> bool:
+    """Would `fl-lab unlearn` without --force have refused this run's recovered trigger?"""
+    t = metrics["trigger"]
+    check = t.get("confirmation")
+    return bool(t.get("found") and check and t["server_flip_rate"] < check["min_flip_rate"])
 
 
 def report(name: str, summary: dict[str, Any]) -> str:
@@ -122,6 +141,12 @@ def report(name: str, summary: dict[str, Any]) -> str:
     lines.append("capture (scoring only): " + "; ".join(
         f"{Path(r).name} {c['modes']} {c['hits']}/{len(c['captured'])} attackers"
         for r, c in zip(summary["runs"], summary["capture"])))
+    if summary["failed"]:
+        lines.append("FAILED (no trigger recovered, nothing unlearned; left out of the statistics above): "
+                     + ", ".join(Path(r).name for r in summary["failed"]))
+    if summary["refused"]:
+        lines.append("REFUSED by the server's check (measured with --force, counted as uncured): "
+                     + ", ".join(Path(r).name for r in summary["refused"]))
     lines += [f"{'PASS' if ok else 'FAIL'}  {k}" for k, ok in summary["acceptance"].items() if k != "strategy"]
     return "\n".join(lines)
 
@@ -148,17 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     meta = {r: (capture_precision(r), source_images(r)) for r in args.runs}
     results: dict[str, Any] = {"floor_runs": [str(f) for f in args.floor], "floor_measured": bool(floors)}
     for name, flags in variants.items():
-        rows = []
+        rows, failed = [], []
         for run in args.runs:
             out = args.out / name / run.name
             done = args.reuse and (out / "metrics.json").is_file()
-            code = 0 if done else unlearn_main([str(run), "--out", str(out), "--quiet", "--oracle", *extra, *flags])
+            code = 0 if done else unlearn_main([str(run), "--out", str(out), "--quiet", "--oracle", "--force",
+                                                *extra, *flags])
             if code != 0:
-                sys.stdout.write(f"{run}: unlearn exited {code}; skipped\n")
+                sys.stdout.write(f"{run}: unlearn exited {code}; counted as a failed cure\n")
+                failed.append(str(run))
                 continue
             rows.append((run, json.loads((out / "metrics.json").read_text()), *meta[run]))
         if rows:
-            results[name] = summarise(rows, floor)
+            results[name] = summarise(rows, floor, failed)
             sys.stdout.write(report(name, results[name]) + "\n")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -15,11 +15,12 @@ of other packages are imported when their subcommand runs, so `fl-lab --help` st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 def cmd_run(args: argparse.Namespace) -> int:
     from commands.launch import claim_run_dir, expand_ratios, run_experiment
+    from commands.local_run import LocalWorkers
 
     cfg = check_experiment(args.experiment, args.set or ())
     base = Path(args.out) if args.out else Path(cfg.execution.output_dir) / cfg.name
@@ -65,11 +67,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if len(runs) > 1:
         claim_run_dir(base)  # the runs' parent: ours too, so a later run there is allowed
     results = []
-    for sub, one, out in runs:
-        say(f"running {one.name} ({one.federated.aggregator.name}, attack {one.attack.type}, "
-             f"attackers {one.attack.ratios[0]:g}) -> {out}")
-        summary = run_experiment(one, out, progress_printer(one, sub or ""))
-        results.append((out, summary))
+    with contextlib.ExitStack() as stack:
+        workers = stack.enter_context(LocalWorkers(1, base / "logs")) if args.in_process else None
+        for sub, one, out in runs:
+            say(f"running {one.name} ({one.federated.aggregator.name}, attack {one.attack.type}, "
+                 f"attackers {one.attack.ratios[0]:g}) -> {out}{' (in-process)' if workers else ''}")
+            progress = progress_printer(one, sub or "")
+            summary = workers.run(one, out, progress) if workers else run_experiment(one, out, progress)
+            results.append((out, summary))
     for out, s in results:
         asr = s.get("final_asr")
         say(f"done: {out}  accuracy {s['final_accuracy']:.4f}  asr {'-' if asr is None else f'{asr:.4f}'}  "
@@ -101,21 +106,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     def start(i: int, total: int, setting: Setting) -> None:
         say(f"[{i + 1}/{total}] {setting.slug}")
 
-    run_sweep(path, out, _simulations(args.verbose), start)
+    with _runner(args, out / "logs") as runner:
+        run_sweep(path, out, runner, start, jobs=args.jobs)
     say((out / "results.md").read_text())
     say(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'plots'}")
     return 0
 
 
-def _simulations(verbose: bool) -> Callable[[ExperimentConfig, Path], dict[str, Any]]:
+@contextlib.contextmanager
+def _runner(args: argparse.Namespace, logs: Path) -> Iterator[Callable[[ExperimentConfig, Path], dict[str, Any]]]:
     """The runner of a sweep or a card: one `fl-lab run` simulation per experiment, with a line per
-    round when `verbose`."""
+    round when `--verbose`; with `--in-process`, the same apps on `--jobs` workers of the lab's own
+    (logs in `logs`), without Flower's transport."""
     from commands.launch import run_experiment
+    from commands.local_run import LocalWorkers
+
+    if getattr(args, "jobs", 1) > 1 and not args.in_process:
+        raise ConfigError("--jobs N > 1 needs --in-process (the runs of `flwr run` share one SuperLink and Ray)")
+    if args.in_process:
+        with LocalWorkers(getattr(args, "jobs", 1), logs) as workers:
+            yield workers.run
+        return
 
     def runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-        return run_experiment(cfg, run_dir, progress_printer(cfg, "  ") if verbose else None)
+        return run_experiment(cfg, run_dir, progress_printer(cfg, "  ") if args.verbose else None)
 
-    return runner
+    yield runner
 
 
 def _run_dir_refusal(run_dir: Path, cfg: ExperimentConfig) -> str | None:
@@ -135,14 +151,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from commands.reproduce import planned_runs, reproduce
     from commands.sweep import shared_simulation
 
-    card = load_card(Path(args.card), quick=args.quick, seeds=args.seeds, only=args.cells)
-    default = Path("runs") / "reproduce" / (f"{card.name}-quick" if card.proxy else card.name)
+    card = load_card(Path(args.card), quick=args.quick, seeds=args.seeds, only=args.cells, subset=args.subset)
+    folder = f"{card.name}-quick" if card.proxy else f"{card.name}-{card.subset}" if card.subset else card.name
+    default = Path("runs") / "reproduce" / folder
     out = Path(args.out) if args.out else default
     runs = planned_runs(card, out)
     problems = [p for run_dir, cfg in runs if (p := _run_dir_refusal(run_dir, cfg))]
     if problems:
         raise ConfigError(problems)
-    kind = "CPU proxy" if card.proxy else "paper setting"
+    kind = "CPU proxy" if card.proxy else f"subset {card.subset}: {card.subset_label}" if card.subset else "paper setting"
     if args.check:
         say(f"ok: {args.card}: {card.name} ({kind}), {len(card.cells)} cells, {len(runs)} runs "
             f"({len(card.seeds)} seeds) -> {out.resolve()}")
@@ -152,8 +169,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     def start(i: int, total: int, run_dir: Path, reused: bool) -> None:
         say(f"[{i + 1}/{total}] {run_dir.name}{' (finished: reused)' if reused else ''}")
 
-    with shared_simulation(out):  # one SuperLink and one Ray head for all the card's runs
-        reproduce(card, out, _simulations(args.verbose), start)
+    # one SuperLink and one Ray head for all the card's runs (started only if a run uses them)
+    with shared_simulation(out), _runner(args, out / "logs") as runner:
+        reproduce(card, out, runner, start, jobs=args.jobs)
     say((out / "reproduction.md").read_text())
     say(f"results ({kind}): {out / 'reproduction.json'}, {out / 'reproduction.md'}")
     return 0
@@ -258,6 +276,17 @@ EXTERNAL: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     **TOOLS, "demo": ("the whole story on the embedded digits data, with its report", _demo)}
 
 
+def in_process(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the ServerApp and ClientApps of each run in one process, without Flower's "
+                             "SuperLink/Ray transport: the same numbers, several times faster on small runs")
+
+
+def jobs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="with --in-process: N runs at a time, one core each (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-lab", description="FL Security Lab")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override keys, e.g. training.rounds=5")
     run.add_argument("--out", help="run folder (default: <execution.output_dir>/<name>); a folder the lab did not "
                      f"create must be empty (the lab marks its run folders with {RUN_MARKER})")
+    in_process(run)
     run.add_argument("--check", action="store_true",
                      help="check the experiment, the rule and the run folder, start nothing: exit 0 with one "
                           "'ok:' line, or 2 with every problem")
@@ -274,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("sweep", help="sweep YAML file (see experiments/sweeps/)")
     sweep.add_argument("--out", help="sweep folder (default: <execution.output_dir>/sweeps/<name>)")
     sweep.add_argument("--verbose", action="store_true", help="a line per round of every run")
+    in_process(sweep)
+    jobs(sweep)
     sweep.set_defaults(func=cmd_sweep)
     rep = sub.add_parser("reproduce", help="run a paper's reproduction card and compare with the published table")
     rep.add_argument("card", help="reproduction card YAML (see experiments/papers/)")
@@ -284,7 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the card's CPU proxy (its `proxy` overrides, its own measured expectations)")
     rep.add_argument("--check", action="store_true",
                      help="check the card and every cell's experiment, start nothing: exit 0 or 2 with every problem")
+    rep.add_argument("--subset", metavar="NAME",
+                     help="a labelled part of the card's paper setting (its `subsets:`, e.g. rounds-300)")
     rep.add_argument("--verbose", action="store_true", help="a line per round of every run")
+    in_process(rep)
+    jobs(rep)
     rep.set_defaults(func=cmd_reproduce)
     _deploy_parser(sub)
     for name, (help_text, _) in EXTERNAL.items():

@@ -45,5 +45,5 @@ def guarded(prog: str, body: Callable[[], int]) -> int:
         sys.stderr.write(f"{prog}: {exc}\n")
         return 1
     except KeyboardInterrupt as exc:  # a run's RunInterrupted says where it stopped
-        sys.stderr.write(f"{prog}: {exc or 'interrupted'}\n")
+        sys.stderr.write(f"{prog}: {str(exc) or 'interrupted'}\n")
         return 130

@@ -71,11 +71,11 @@ class Scenario:
     budget: str  # what the demo promises on 2 idle cores
 
 
-# fashion-mnist: 10 rounds of 50 local steps on ~5,900 images per client (experiments/fmnist-cure.yaml):
-# the whole story on real data, where inverting the probe does not yet recover the poisoned image.
+# fashion-mnist: 10 rounds of 50 local steps on ~5,900 images per client and a probe in round 3
+# (experiments/fmnist-cure.yaml): the whole story on real data.
 SCENARIOS: dict[str, Scenario] = {
     "digits": Scenario("default.yaml", FULL_OVERRIDES, "under 3 minutes on 2 idle CPU cores"),
-    # 351 s measured at load 7-11 (bench/RESULTS.md, issue 16); the cure itself does not hold there yet.
+    # 279 s measured at load 3-6, all four checks holding (bench/RESULTS.md, issue 16).
     "fashion-mnist": Scenario("fmnist-cure.yaml", (), "under 6 minutes on 2 CPU cores"),
 }
 

@@ -216,7 +216,7 @@ def flwr_run(
     stop = threading.Event()
     watcher = None
     if on_progress is not None and metrics_path is not None:
-        watcher = threading.Thread(target=_follow, args=(metrics_path, on_progress, stop), daemon=True)
+        watcher = threading.Thread(target=follow_metrics, args=(metrics_path, on_progress, stop), daemon=True)
         watcher.start()
     with open(work_dir / "flwr.log", "ab") as out:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=work_dir,
@@ -285,7 +285,7 @@ def run_status(connection: str, flwr_home: Path, run_id: str | None, work_dir: P
     return str(run.get("status", "unknown")), str(run.get("status-details", "") or "")
 
 
-def _follow(path: Path, callback: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:
+def follow_metrics(path: Path, callback: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:
     seen = 0
     while True:
         rows = read_jsonl(path)

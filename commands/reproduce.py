@@ -9,6 +9,7 @@ whether it ran as the CPU proxy).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -17,7 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from commands.cards import Card, Cell, metric_value, verdict
+from commands.card_expect import expect_text, read_metric, verdict
+from commands.cards import Card, Cell
+from commands.local_run import run_all
 from commands.sweep import run_identity, same_run
 from lab.artifacts import atomic_write_text
 from lab.config import ExperimentConfig
@@ -26,9 +29,11 @@ Runner = Callable[[ExperimentConfig, Path], dict[str, Any]]
 
 
 def run_slug(cell: Cell, seed: int) -> str:
+    """`RULE__ATTACK[__HASH]__seedS`: the hash names what the cell adds (its overrides, its rule parameters)."""
     extra = ""
-    if cell.overrides:
-        extra = "__" + hashlib.sha256("\n".join(cell.overrides).encode()).hexdigest()[:8]
+    if cell.overrides or cell.params:
+        own = "\n".join(cell.overrides) + (f"\n{json.dumps(cell.params, sort_keys=True)}" if cell.params else "")
+        extra = "__" + hashlib.sha256(own.encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{cell.rule}__{cell.attack}{extra}__seed{seed}")
 
 
@@ -42,48 +47,57 @@ def planned_runs(card: Card, out: Path) -> list[tuple[Path, ExperimentConfig]]:
 
 
 def reproduce(card: Card, out: Path, runner: Runner,
-              on_start: Callable[[int, int, Path, bool], None] | None = None) -> dict[str, Any]:
-    """Run (or reuse) every run of the card, then write and return reproduction.json's content."""
+              on_start: Callable[[int, int, Path, bool], None] | None = None, jobs: int = 1) -> dict[str, Any]:
+    """Run (or reuse) every run of the card (`jobs` at a time: see `commands.sweep.run_all`), then
+    write and return reproduction.json's content."""
     runs = planned_runs(card, out)
     folder = {run_identity(cfg): run_dir for run_dir, cfg in runs}
-    for i, (run_dir, cfg) in enumerate(runs):
-        reuse = (run_dir / "summary.json").exists() and same_run(run_dir, cfg)
+
+    def one(i: int, run_dir: Path, cfg: ExperimentConfig, reuse: bool) -> None:
         if on_start is not None:
             on_start(i, len(runs), run_dir, reuse)
         if not reuse:
             runner(cfg, run_dir)
+
+    run_all([functools.partial(one, i, run_dir, cfg, (run_dir / "summary.json").exists() and same_run(run_dir, cfg))
+             for i, (run_dir, cfg) in enumerate(runs)], jobs)
+    means: dict[str, float | None] = {}
     cells = []
     for cell in card.cells:
-        values, rounds = [], None
-        for cfg in cell.cfgs:
-            summary = json.loads((folder[run_identity(cfg)] / "summary.json").read_text())
-            rounds = summary.get("rounds", cfg.training.rounds)
-            v = metric_value(cell.metric, summary)
-            if v is not None:
-                values.append(round(v, 6))
-        mean = statistics.mean(values) if values else None
+        values = [round(v, 6) for cfg in cell.cfgs
+                  if (v := read_metric(cell.metric, folder[run_identity(cfg)], cell.at_round)) is not None]
+        rounds = cell.cfgs[0].training.rounds
+        means[cell.id] = statistics.mean(values) if values else None
         cells.append({
             "id": cell.id, "rule": cell.rule, "attack": cell.attack, "metric": cell.metric,
+            "params": dict(cell.params), "at_round": cell.at_round,
             "paper": cell.paper, "expect": None if cell.expect is None else dict(cell.expect),
             "source": cell.source, "proxy": card.proxy,
-            "ours": {"mean": mean, "sd": statistics.stdev(values) if len(values) > 1 else None, "values": values},
-            "rounds": rounds, "runs": [str(folder[run_identity(cfg)]) for cfg in cell.cfgs],
-            "verdict": verdict(cell.expect, mean),
+            "ours": {"mean": means[cell.id], "sd": statistics.stdev(values) if len(values) > 1 else None,
+                     "values": values},
+            "rounds": rounds, "paper_rounds": cell.paper_rounds, "reduced": rounds < cell.paper_rounds,
+            "runs": [str(folder[run_identity(cfg)]) for cfg in cell.cfgs],
         })
+    for c in cells:  # relative expectations need the other cell's mean
+        other = (c["expect"] or {}).get("relative_to")
+        if other is not None:
+            c["against"] = {"id": other, "mean": means.get(other)}
+        c["verdict"] = verdict(c["expect"], c["ours"]["mean"], means.get(other) if other else None)
     result = {"card": card.name, "paper": card.paper, "path": str(card.path), "proxy": card.proxy,
-              "seeds": list(card.seeds), "cells": cells}
+              "subset": card.subset, "subset_label": card.subset_label, "seeds": list(card.seeds), "cells": cells}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "reproduction.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "reproduction.md", reproduction_markdown(result))
     return result
 
 
-def _expect_text(expect: Any) -> str:
-    if not expect:
-        return "-"
-    if "value" in expect:
-        return f"{expect['value']:g} ± {expect['tolerance']:g}"
-    return f"<= {expect['max']:g}" if "max" in expect else f">= {expect['min']:g}"
+def _rounds_text(cell: dict[str, Any]) -> str:
+    """`40`, `round 19 of 40`, `reduced: 300 of 3000 rounds`, or both."""
+    ran = str(cell["rounds"]) if cell.get("at_round") is None else f"round {cell['at_round']} of {cell['rounds']}"
+    if not cell.get("reduced"):
+        return ran
+    reduced = f"reduced: {cell['rounds']} of {cell['paper_rounds']} rounds"
+    return reduced if cell.get("at_round") is None else f"{ran} ({reduced})"
 
 
 def reproduction_markdown(result: dict[str, Any]) -> str:
@@ -93,6 +107,11 @@ def reproduction_markdown(result: dict[str, Any]) -> str:
     if proxy:
         lines.append("Ran as the card's CPU proxy: the expectations checked are the proxy's own (measured by "
                      "the lab), not the paper's; the paper's values are shown for reference only.")
+    if result.get("subset"):
+        lines.append(f"Subset `{result['subset']}` of the card: {result.get('subset_label') or '-'}.")
+    if any(c.get("reduced") for c in result["cells"]):
+        lines.append("Cells marked `reduced` ran fewer rounds than the paper's setting: their verdicts hold the "
+                     "lab's value at that length against the paper's at the paper's length.")
     counts = {v: sum(c["verdict"] == v for c in result["cells"]) for v in ("reproduced", "off", "lab-only")}
     lines += ["", ", ".join(f"{n} {v}" for v, n in counts.items()), "",
               "| cell | metric | paper | paper source | expected" + (" (proxy)" if proxy else "")
@@ -101,8 +120,10 @@ def reproduction_markdown(result: dict[str, Any]) -> str:
         ours = c["ours"]
         lab = "-" if ours["mean"] is None else f"{ours['mean']:.3f}" + (
             f" ± {ours['sd']:.3f}" if ours["sd"] is not None else "")
+        if c.get("against") and c["against"]["mean"] is not None:
+            lab += f" ({c['against']['id']}: {c['against']['mean']:.3f})"
         paper = c["paper"] or {}
-        lines.append(f"| {c['id']} | {c['metric']} | {_expect_text(paper.get('expect'))} | "
-                     f"{paper.get('source') or '-'} | {_expect_text(c['expect'])} | {c['source'] or '-'} | {lab} | "
-                     f"{c['rounds']} | {c['verdict']}{' (proxy)' if proxy else ''} |")
+        lines.append(f"| {c['id']} | {c['metric']} | {expect_text(paper.get('expect'))} | "
+                     f"{paper.get('source') or '-'} | {expect_text(c['expect'])} | {c['source'] or '-'} | {lab} | "
+                     f"{_rounds_text(c)} | {c['verdict']}{' (proxy)' if proxy else ''} |")
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -49,6 +50,7 @@ from commands.launch import (
     simulation_superlink,
     stop_process,
 )
+from commands.local_run import run_all
 from lab.artifacts import atomic_write_text, read_jsonl
 from lab.config import (
     AttackConfig,
@@ -149,24 +151,39 @@ def run_sweep(
     out: Path,
     runner: Callable[[ExperimentConfig, Path], dict[str, Any]],
     on_start: Callable[[int, int, Setting], None] | None = None,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
-    """Run (or reuse) every setting; returns one result row per run."""
+    """Run (or reuse) every setting; returns one result row per run. `jobs` > 1 calls `runner` from
+    that many threads at once: only for a runner whose runs are processes of their own (the
+    in-process executor), never for `flwr run` on the shared SuperLink."""
     name, settings = load_sweep(path)
-    rows = []
     done: dict[str, Path] = {}  # identical resolved configs (e.g. no-attack x poison ratio) run once
+    run_dirs = [done.setdefault(run_identity(s.cfg), out / "runs" / s.slug) for s in settings]
+    todo: dict[Path, tuple[int, Setting]] = {}
+    for i, (setting, run_dir) in enumerate(zip(settings, run_dirs, strict=True)):
+        finished = (run_dir / "summary.json").exists() and same_run(run_dir, setting.cfg)
+        if not finished and run_dir not in todo:
+            todo[run_dir] = (i, setting)
+
+    def one(run_dir: Path) -> None:
+        i, setting = todo[run_dir]
+        if on_start is not None:
+            on_start(i, len(settings), setting)
+        runner(setting.cfg, run_dir)
+
     # One SuperLink and one Ray head serve every simulation of the sweep (bench/warm_start.py).
-    with shared_simulation(out):
-        for i, setting in enumerate(settings):
-            run_dir = done.setdefault(run_identity(setting.cfg), out / "runs" / setting.slug)
-            summary_path = run_dir / "summary.json"
-            if on_start is not None:
-                on_start(i, len(settings), setting)
-            if not summary_path.exists() or not same_run(run_dir, setting.cfg):
-                runner(setting.cfg, run_dir)
-            summary = json.loads(summary_path.read_text())
-            rows.append(result_row(setting, summary, read_jsonl(run_dir / "metrics.jsonl"), run_dir))
-    fill_floors(rows)
-    write_results(out, name, rows)
+    try:
+        with shared_simulation(out):
+            run_all([functools.partial(one, run_dir) for run_dir in todo], jobs)
+    finally:  # also when stopped: the table of what finished, the missing runs named (nothing lost)
+        rows = []
+        for setting, run_dir in zip(settings, run_dirs, strict=True):
+            if (run_dir / "summary.json").exists() and same_run(run_dir, setting.cfg):
+                summary = json.loads((run_dir / "summary.json").read_text())
+                rows.append(result_row(setting, summary, read_jsonl(run_dir / "metrics.jsonl"), run_dir))
+        fill_floors(rows)
+        missing = len({*run_dirs}) - len({Path(r["run"]) for r in rows})
+        write_results(out, name, rows, missing)
     return rows
 
 
@@ -275,8 +292,9 @@ def same_run(run_dir: Path, cfg: ExperimentConfig) -> bool:
 
     A base experiment edited since (say, a capture probe added to default.yaml) makes an old
     result stale: it is run again rather than silently mixed into the table. The offline tools'
-    sections (inversion, unlearning) do not change the Flower run, and neither does the rest of
-    `capture` while capture is off.
+    sections (inversion, unlearning) do not change the Flower run, and neither do the rest of
+    `capture` while capture is off and the experiment's name (a subset sweep reuses the runs of the
+    sweep it is part of).
     """
     try:
         done = load_experiment(run_dir / "config.yaml")
@@ -289,7 +307,7 @@ def same_run(run_dir: Path, cfg: ExperimentConfig) -> bool:
 
 
 def _training_identity(cfg: ExperimentConfig) -> str:
-    cfg = dataclasses.replace(cfg, inversion=InversionConfig(), unlearning=UnlearningConfig())
+    cfg = dataclasses.replace(cfg, name="", inversion=InversionConfig(), unlearning=UnlearningConfig())
     if not cfg.capture.enabled:
         cfg = dataclasses.replace(cfg, capture=CaptureConfig())
     return run_identity(cfg)
@@ -331,7 +349,9 @@ def _group_key(row: Mapping[str, Any], keys: Sequence[str]) -> tuple[Any, ...]:
     return tuple(row[k] for k in keys)
 
 
-def write_results(out: Path, name: str, rows: list[dict[str, Any]]) -> None:
+def write_results(out: Path, name: str, rows: list[dict[str, Any]], missing: int = 0) -> None:
+    """results.csv, results.md and the plots of `rows`; `missing` runs not finished are named in
+    results.md (an interrupted or failed sweep)."""
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     fields = list(rows[0]) if rows else []
@@ -339,7 +359,9 @@ def write_results(out: Path, name: str, rows: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "results.csv", buf.getvalue())
-    atomic_write_text(out / "results.md", results_markdown(name, rows))
+    note = (f"\n{missing} run(s) of the sweep not finished: run the same command again to add them "
+            "(finished runs are reused).\n") if missing else ""
+    atomic_write_text(out / "results.md", results_markdown(name, rows) + note)
     try:
         from lab.plots import sweep_plots
 

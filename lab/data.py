@@ -158,12 +158,14 @@ def _split_of(labels: Tensor, num_partitions: int, fed: FederatedConfig, seed: i
     if entry is None or entry[0]() is not labels:
         entry = (weakref.ref(labels), {})
         _SPLITS[id(labels)] = entry
-    setting = (num_partitions, fed.partitioning, fed.bias_h, fed.dirichlet_alpha, seed, num_classes)
+    setting = (num_partitions, fed.partitioning, fed.bias_h, fed.dirichlet_alpha, fed.dirichlet_balance, seed,
+               num_classes)
     if setting not in entry[1]:
         if fed.partitioning == "bias":
             parts = bias_partitions(labels, num_partitions, fed.bias_h, seed, num_classes)
         else:
-            rows = _partitions(tuple(labels.tolist()), num_partitions, fed.partitioning, fed.dirichlet_alpha, seed)
+            rows = _partitions(tuple(labels.tolist()), num_partitions, fed.partitioning, fed.dirichlet_alpha, seed,
+                               fed.dirichlet_balance)
             parts = [torch.tensor(p, dtype=torch.int64) for p in rows]
         entry[1][setting] = tuple(parts)
     return entry[1][setting]
@@ -188,8 +190,8 @@ def partition_split(split: Split, partition_id: int, num_partitions: int, fed: F
             del _KEPT[dead]
         entry = (weakref.ref(split.x), {})
         _KEPT[id(split.x)] = entry
-    key = (id(split.y), partition_id, num_partitions, fed.partitioning, fed.bias_h, fed.dirichlet_alpha, seed,
-           num_classes)
+    key = (id(split.y), partition_id, num_partitions, fed.partitioning, fed.bias_h, fed.dirichlet_alpha,
+           fed.dirichlet_balance, seed, num_classes)
     if key in entry[1]:
         return entry[1][key]
     part = split.subset(partition_indices(split.y, partition_id, num_partitions, fed, seed, num_classes))
@@ -247,7 +249,7 @@ def bias_partitions(labels: Tensor, num_partitions: int, h: float, seed: int,
 
 
 def _partitions(
-    labels: tuple[int, ...], num_partitions: int, scheme: str, alpha: float, seed: int
+    labels: tuple[int, ...], num_partitions: int, scheme: str, alpha: float, seed: int, balance: bool = True
 ) -> tuple[tuple[int, ...], ...]:
     if scheme == "iid":
         return _iid_partitions(len(labels), num_partitions, seed)
@@ -257,7 +259,7 @@ def _partitions(
     table = Dataset.from_dict({"index": list(range(len(labels))), "label": list(labels)})
     partitioner = DirichletPartitioner(
         num_partitions=num_partitions, partition_by="label", alpha=alpha,
-        min_partition_size=0, self_balancing=True, shuffle=True, seed=seed,
+        min_partition_size=0, self_balancing=balance, shuffle=True, seed=seed,
     )
     partitioner.dataset = table
     return tuple(tuple(partitioner.load_partition(i)["index"]) for i in range(num_partitions))

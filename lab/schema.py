@@ -61,6 +61,9 @@ class FederatedConfig:
     # iid; dirichlet (alpha per label); bias: FLTrust's / Fang et al.'s non-IID split with h = bias_h
     partitioning: Literal["iid", "dirichlet", "bias"] = "iid"
     dirichlet_alpha: float = 0.5
+    # dirichlet: flwr-datasets' self-balancing (a client past the average size takes no more, so the
+    # labels drawn last miss many clients); false: the plain per-label Dirichlet (FL-Defender's code)
+    dirichlet_balance: bool = True
     bias_h: float = 0.5  # bias: share of a label's examples that stay with that label's client group
     # None: attackers are sampled like everyone; k: exactly k of each round's sampled clients are
     # malicious (experiment design, from the simulation's ground truth; no defense sees it).
@@ -244,6 +247,7 @@ class ExperimentConfig:
             out["federated.bias_h"] = f.bias_h
         elif f.partitioning == "dirichlet":
             out["federated.dirichlet_alpha"] = f.dirichlet_alpha
+            out["federated.dirichlet_balance"] = f.dirichlet_balance
         out.update({
             "federated.clients_per_round": f.round_size,
             "federated.attackers_per_round": f.attackers_per_round,

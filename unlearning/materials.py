@@ -22,6 +22,25 @@ from unlearning.trigger import (
 from unlearning.verify import Reconstructions, Run, RunFolderError
 
 
+class TriggerNotConfirmed(LabError):
+    """The server's own check says the recovered trigger is not a trigger: unlearning with it would
+    change nothing (Fashion-MNIST with a final-round probe: it flipped 0.1 % of the clean images)."""
+
+    exit_code = 3  # refused, as opposed to bad input (2)
+
+
+def confirm(found: RecoveredTrigger, min_flip_rate: float, target: int) -> None:
+    """Refuse a recovered trigger whose server flip rate is below `min_flip_rate`."""
+    rate = found.server_flip_rate
+    if rate < min_flip_rate:  # NaN (no non-target clean image) cannot be judged and passes
+        top, left, h, w = found.box
+        raise TriggerNotConfirmed(
+            f"refusing to unlearn: the recovered trigger ({h}x{w} at ({top}, {left})) sends {rate:.1%} of the "
+            f"server's clean images to class {target}, below --min-flip-rate {min_flip_rate:.1%}, so it is not the "
+            f"backdoor's trigger and unlearning with it would change nothing; capture more evidence (an "
+            f"earlier probe round) or pass --force to unlearn anyway")
+
+
 @dataclass(frozen=True)
 class Plan:
     strategies: tuple[str, ...]
@@ -30,11 +49,15 @@ class Plan:
     seed: int
     box_slack: int = 1
     refine_steps: int = 100
+    min_flip_rate: float = 0.05  # below it the recovered trigger is refused (TriggerNotConfirmed)
+    force: bool = False  # unlearn with a refused trigger anyway
 
 
 def recover(run: Run, recon: Reconstructions, train: Split,
             p: Plan) -> tuple[RecoveredTrigger | None, Materials, dict[str, Any]]:
-    """Recover the trigger and build the strategies' materials; the true trigger only for the oracle."""
+    """Recover the trigger and build the strategies' materials; the true trigger only for the oracle.
+
+    Refuses (`TriggerNotConfirmed`) a trigger that fails the server's own check, unless `p.force`."""
     needs = [n for n in p.strategies if STRATEGIES[n].needs_reconstructions]
     try:
         found = recover_trigger(run.model, recon.images, train.x, run.target)
@@ -44,6 +67,12 @@ def recover(run: Run, recon: Reconstructions, train: Split,
         return None, Materials(None, None, _oracle_trigger(run, p), p.hp.mix_ratio), {"found": False, "reason": str(exc)}
     info: dict[str, Any] = {"found": True, **found.summary(),
                             "sources": [f"{recon.origin[i][0]}[{recon.origin[i][1]}]" for i in found.used]}
+    if needs:
+        info["confirmation"] = {"rule": "the recovered trigger sends at least min_flip_rate of the server's clean "
+                                        "non-target images to the target", "min_flip_rate": p.min_flip_rate,
+                                "forced": p.force}
+        if not p.force:
+            confirm(found, p.min_flip_rate, run.target)
     firing = list(found.stats["firing_reconstructions"])
     labels = relabel_targets(run.model, recon.images[firing], found.trigger, train.x.mean(0), run.target,
                              recon.labels[firing])

@@ -14,6 +14,25 @@ the clean one", which keeps the clean function in place and removes only the tri
 Rows a strategy brings in from outside (relabel's reconstructions) keep cross-entropy on their
 label. alpha = 0 is the original recipe's plain cross-entropy.
 
+The target penalty. Labels and distillation only ask a stamped image for its clean answer; a weak
+model's clean answer can itself be nearly uniform, and there the stamped image kept firing the
+target by a few hundredths of probability (issue 16: seed 9 of the demo scenario, 2 images with
+the true trigger too). With `target_penalty` = beta > 0, every row a strategy changed (stamped or
+brought in) whose label is not the target adds beta * max(0, z_t - max_{j != t} z_j + kappa): the
+margin loss of Carlini & Wagner ("Towards Evaluating the Robustness of Neural Networks", IEEE S&P
+2017, their f_6) turned around, so the target must trail the best other class by kappa logits.
+A hinge, not -log(1 - p_t): it is zero once the image no longer fires, so it stops pulling there.
+beta 0.3, kappa 1 cleared all 10 demo seeds; beta >= 0.5 or kappa 2 dipped the accuracy enough
+for an early stop after 3 validations to keep the original model on some seeds, hence the default
+patience of 10 (bench/RESULTS.md, issue 16). Its
+price: on the 40-round default (seed 1) it cost 1.67 points of test accuracy, 0.84 without it.
+
+The checkpoint kept is the latest within the accuracy budget whose validation ASR, measured with
+the strategy's own trigger (the RECOVERED one for every honest strategy), is lowest. A validation
+slice held out of the server's clean set (`fl-lab unlearn --val-fraction`) makes the budget honest,
+but on ~144 digits images it cost 1-3 test points (fewer images to fine-tune on) and it cannot see
+a 1-point loss (29 images: one is 3.4 points), so it is off by default (bench/RESULTS.md).
+
 - `transplant`: the recovered trigger stamped on a `mix_ratio` share of each clean batch, labels
   kept (Neural Cleanse's unlearning, Wang et al., IEEE S&P 2019, with the reverse-engineered
   trigger replaced by the one recovered from the reconstructions).
@@ -30,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +66,7 @@ from lab.metrics import predict
 from lab.models import device_of
 from lab.task import batches
 from lab.triggers import Trigger
+from unlearning.trigger import target_margin
 
 log = logging.getLogger(__name__)
 
@@ -179,19 +200,37 @@ class Budget:
     freeze_bn: bool
     min_accuracy: float  # early stop below this clean accuracy on the validation slice
     eval_every: int = 10
-    patience: int = 3  # consecutive validations below budget before stopping (a stamped batch
+    patience: int = 10  # consecutive validations below budget before stopping (a stamped batch
     # makes accuracy dip for a few steps before the model adapts)
     distill: float = 1.0  # alpha: weight of self-distillation on anchored rows (0 = plain CE)
+    target_penalty: float = 0.3  # beta: weight of the target-margin hinge on changed rows (0 = none); it
+    # needs finetune's `target`
+    penalty_margin: float = 1.0  # kappa: logits by which the target must trail the best other class
 
 
 @dataclass(frozen=True)
 class FinetuneResult:
     state: dict[str, Tensor]
-    steps: int  # steps kept (the last checkpoint above the accuracy budget)
+    steps: int  # steps kept (the last checkpoint within the accuracy budget whose validation ASR is lowest)
     steps_run: int
     stopped_early: bool
     val_accuracy: float
     seconds: float
+    val_asr: float | None = None  # at the kept step: the validation's stamped non-target images sent to the target
+
+
+def accuracy_floor(before: float, max_drop: float, n_val: int) -> float:
+    """The lowest validation accuracy within budget: never finer than one of `n_val` images (29
+    held out: 3.4 points), with a slack for float32 means (28/29 in float32 < 1 - 1/29)."""
+    return before - max(max_drop, 1 / n_val) - 1e-6
+
+
+def stamped_asr(model: nn.Module, val: Split, trigger: Trigger, target: int) -> float:
+    """Share of `val`'s non-target images that `trigger` sends to `target` (NaN when there are none)."""
+    x = val.x[val.y != target]
+    if len(x) == 0:
+        return float("nan")
+    return float((predict(model, trigger.stamp(x)).argmax(1) == target).float().mean())
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -224,16 +263,32 @@ def row_loss(logits: Tensor, y: Tensor, soft: Tensor, anchored: Tensor, alpha: f
     return torch.where(anchored, (1 - alpha) * ce + alpha * kl, ce).mean()
 
 
+def target_penalty(logits: Tensor, y: Tensor, changed: Tensor, target: int, margin: float) -> Tensor:
+    """Mean over the changed rows whose label is not `target` of max(0, z_t - max_{j != t} z_j + margin).
+
+    logits (B, K), y (B,), changed (B,) bool. Zero (with a gradient path) when no row qualifies.
+    """
+    rows = changed & (y != target)
+    if not bool(rows.any()):
+        return logits.sum() * 0.0
+    return F.relu(target_margin(logits[rows], target) + margin).mean()
+
+
 def finetune(model: nn.Module, clean: Split, val: Split, transform: Transform, budget: Budget,
              order: torch.Generator, noise: torch.Generator,
-             progress: Callable[[int, float], None] | None = None) -> FinetuneResult:
+             progress: Callable[[int, float], None] | None = None, target: int | None = None,
+             val_trigger: Trigger | None = None) -> FinetuneResult:
     """SGD on transformed clean batches; stop when validation accuracy stays below the budget.
 
     `model` (the original) is also the distillation teacher; it is copied, never changed.
     `order` draws the batch order (the same seed for every strategy, so they see the same clean
     batches), `noise` feeds the transform. Validation runs every `budget.eval_every` steps; after
-    `budget.patience` validations in a row below `budget.min_accuracy` training stops; the
-    latest checkpoint within budget is returned (the original weights if none was).
+    `budget.patience` validations in a row below `budget.min_accuracy` training stops. The
+    checkpoint returned is the latest within the accuracy budget whose ASR on `val` stamped with
+    `val_trigger` (the RECOVERED trigger for an honest strategy; needs `target`) is the lowest so far;
+    without `val_trigger`, the latest within budget. The original weights if none was within budget.
+    `val` should be held out from `clean` (`fl-lab unlearn --val-fraction`): accuracy on the
+    fine-tuning images themselves did not move while the test accuracy lost 1.7 points (issue 16).
     """
     start = time.perf_counter()
     teacher = model.eval()
@@ -242,18 +297,27 @@ def finetune(model: nn.Module, clean: Split, val: Split, transform: Transform, b
     plan = training_plan(model, clean.x[:size], clean.y[:size], lr=budget.lr, momentum=budget.momentum,
                          weight_decay=0.0)
     with prepared(model, plan) as forward:  # lab.train_local's measured CPU path, restored on exit
-        return _finetune(model, teacher, forward, clean, val, transform, budget, order, noise, progress, start)
+        return _finetune(model, teacher, forward, clean, val, transform, budget, order, noise, progress, start,
+                         target, val_trigger)
 
 
 def _finetune(model: nn.Module, teacher: nn.Module, forward: Callable[[Tensor], Tensor], clean: Split,
               val: Split, transform: Transform, budget: Budget, order: torch.Generator,
               noise: torch.Generator, progress: Callable[[int, float], None] | None,
-              start: float) -> FinetuneResult:
+              start: float, target: int | None, val_trigger: Trigger | None) -> FinetuneResult:
     """finetune's loop on the model copy; `forward` is its forward under the chosen plan."""
     device = device_of(model)
     opt = torch.optim.SGD(model.parameters(), lr=budget.lr, momentum=budget.momentum)
+
+    def val_asr() -> float | None:
+        if val_trigger is None or target is None:
+            return None
+        rate = stamped_asr(model, val, val_trigger, target)
+        return None if math.isnan(rate) else rate  # NaN: nothing to stamp, the accuracy alone decides
+
     best_state = snapshot(model)
     kept, val_acc, stopped, step, strikes = 0, accuracy(model, val), False, 0, 0
+    kept_asr = val_asr()
     for step, index in enumerate(batches(len(clean), budget.batch_size, order, budget.steps, 1), start=1):
         model.train()
         if budget.freeze_bn:
@@ -263,7 +327,11 @@ def _finetune(model: nn.Module, teacher: nn.Module, forward: Callable[[Tensor], 
         x, y, anchored = x.to(device), y.to(device), anchored.to(device)
         with torch.no_grad():
             soft = teacher(x0).softmax(1) if budget.distill > 0 else torch.empty(0)
-        loss = row_loss(forward(x), y, soft, anchored, budget.distill)
+        logits = forward(x)
+        loss = row_loss(logits, y, soft, anchored, budget.distill)
+        if budget.target_penalty > 0 and target is not None:
+            changed = ~anchored | (x != x0).flatten(1).any(1)  # stamped rows and rows brought in
+            loss = loss + budget.target_penalty * target_penalty(logits, y, changed, target, budget.penalty_margin)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -279,7 +347,11 @@ def _finetune(model: nn.Module, teacher: nn.Module, forward: Callable[[Tensor], 
                     stopped = True
                     break
                 continue
-            strikes, val_acc, kept = 0, acc, step
+            strikes = 0
+            rate = val_asr()
+            if rate is not None and kept_asr is not None and rate > kept_asr:
+                continue  # within budget, but the recovered trigger fires more than at the kept step
+            val_acc, kept, kept_asr = acc, step, rate
             best_state = snapshot(model)
     return FinetuneResult({k: v.cpu() for k, v in best_state.items()}, kept, step, stopped, val_acc,
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, kept_asr)

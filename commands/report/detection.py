@@ -93,8 +93,13 @@ def plot_heatmap(runs: list[Run], path: Path) -> Path:
 
     rules, attacks, values = heat_values(runs)
     worst = worst_attacks(rules, attacks, values)
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.1 * len(attacks) * 3, 1.2 + 0.42 * len(rules)), squeeze=False)
-    for ax, (key, title, _, cmap) in zip(axes[0], HEAT_PANELS):
+    if len(attacks) > 6:  # a wide matrix (issue 18's 18 columns): the three panels one above the other
+        fig, axes = plt.subplots(3, 1, figsize=(2.5 + 0.62 * len(attacks), 3 * (1.4 + 0.3 * len(rules))), squeeze=False)
+        panels = axes[:, 0]
+    else:
+        fig, axes = plt.subplots(1, 3, figsize=(4 + 1.1 * len(attacks) * 3, 1.2 + 0.42 * len(rules)), squeeze=False)
+        panels = axes[0]
+    for ax, (key, title, _, cmap) in zip(panels, HEAT_PANELS):
         grid = [[values[key].get((rule, a), float("nan")) for a in attacks] for rule in rules]
         ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
         for i, rule in enumerate(rules):

@@ -19,6 +19,7 @@ from commands.report.figures import (
     plot_rounds,
     plot_unlearning,
 )
+from commands.report.paper import plot_paper_vs_lab
 from commands.report.settings import settings_section
 
 log = logging.getLogger(__name__)
@@ -289,16 +290,20 @@ def repro_section(col: Collection) -> list[Block]:
                  f"report written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")]
 
 
-def paper_section(col: Collection) -> list[Block]:
-    """A `fl-lab reproduce` folder: reproduction.md's table (paper vs lab, verdicts)."""
+def paper_section(col: Collection, plots: Path) -> list[Block]:
+    """A `fl-lab reproduce` folder: the paper-against-lab figure and reproduction.md's table."""
     md = col.folder / "reproduction.md"
     table = _md_table(md.read_text()) if md.exists() else None
     if table is None:
         return [Para("reproduction.md not written yet (the card is unfinished).")]
-    proxy = json.loads((col.folder / "reproduction.json").read_text()).get("proxy")
+    reproduction = json.loads((col.folder / "reproduction.json").read_text())
     note = (" Ran as the card's CPU proxy: the expectations checked are the proxy's own measured ones, "
-            "not the paper's." if proxy else "")
-    return [table, Para(f"From {md.name} (`fl-lab reproduce`).{note}")]
+            "not the paper's." if reproduction.get("proxy") else "")
+    figure = Image(plot_paper_vs_lab(reproduction, plots / "paper_vs_lab.png"),
+                   "per cell: the range the paper's value allows (blue bar: value +- tolerance, or a bound; a "
+                   "relative cell around the other cell's value) and the lab's mean +- sd over seeds (dot, "
+                   "coloured by the verdict)")
+    return [figure, table, Para(f"From {md.name} (`fl-lab reproduce`).{note}")]
 
 
 def build(col: Collection, plots: Path) -> list[tuple[str, list[Block]]]:
@@ -312,7 +317,7 @@ def build(col: Collection, plots: Path) -> list[tuple[str, list[Block]]]:
         (UNLEARNING, _guarded(unlearning_section, col, plots)),
     ]
     if (col.folder / "reproduction.json").exists():
-        sections.append((PAPER, paper_section(col)))
+        sections.append((PAPER, _guarded(paper_section, col, plots)))
     elif col.kind == "sweep":
         sections.append((SWEEP, sweep_section(col)))
     sections += [(CONFIG, config_section(col)), (REPRO, repro_section(col))]

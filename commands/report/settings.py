@@ -15,7 +15,8 @@ from lab.errors import ConfigError
 # summary.json's `settings` (server/recorder.py), in this order; the partitioning's own parameter
 # (bias_h or dirichlet_alpha) only where that partitioning is used.
 SETTING_KEYS = ("dataset.name", "training.model", "federated.num_clients", "federated.partitioning",
-                "federated.bias_h", "federated.dirichlet_alpha", "federated.clients_per_round",
+                "federated.bias_h", "federated.dirichlet_alpha", "federated.dirichlet_balance",
+                "federated.clients_per_round",
                 "federated.attackers_per_round", "federated.fedavg_divisor", "federated.fedavg_total_weight",
                 "federated.server_lr", "training.local_steps", "training.local_epochs", "training.batch_size",
                 "training.lr", "training.eval_every", "execution.clients_per_message")

@@ -1,5 +1,6 @@
 """`fl-lab reproduce --quick` on the poisoning-guide card: real Flower runs (in-process), the
-reproduction.json shape, the measured proxy bounds, reuse of finished runs; and the CLI's --check."""
+reproduction.json shape, the measured proxy bounds, reuse of finished runs; the CLI's --check; and
+readings at a round (`at_round`) and relative expectations on real runs."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def test_the_quick_card_runs_and_meets_its_measured_bounds(tmp_path: Path) -> No
     report_md, _ = write_report(out)  # `fl-lab report DIR` shows the paper-vs-lab table
     text = report_md.read_text()
     assert "# Reproduction report: out" in text and "## Paper vs lab" in text and "CPU proxy" in text
+    assert "plots/paper_vs_lab.png" in text and (out / "plots" / "paper_vs_lab.png").exists()  # and the figure
     reproduce(card, out, runner)  # an interrupted or repeated card reuses every finished run
     assert len(calls) == 7
 
@@ -61,3 +63,34 @@ def test_cli_check_names_every_problem(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["reproduce", str(bad), "--check"]) == 2
     err = capsys.readouterr().err
     assert "unknown attack 'nope'" in err and "cells[1] (median:none) source:" in err
+
+
+def test_readings_at_a_round_and_relative_cells_on_real_runs(tmp_path: Path) -> None:
+    card_path = tmp_path / "card.yaml"
+    card_path.write_text(f"name: rounds\nbase: {ROOT / 'experiments/smoke.yaml'}\nmetric: asr\n"
+                         "setting: {training: {rounds: 3}}\ncells:\n"
+                         "  - {rule: fedavg, attack: backdoor, source: lab}\n"
+                         "  - {id: at1, rule: fedavg, attack: backdoor, at_round: 1, source: lab}\n"
+                         "  - {id: acc1, rule: fedavg, attack: backdoor, metric: accuracy, at_round: 1, source: lab}\n"
+                         "  - {id: same, rule: median, attack: backdoor, source: lab,\n"
+                         "     expect: {relative_to: 'fedavg:backdoor', max_delta: 1.0}}\n")
+    calls: list[Path] = []
+
+    def runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+        calls.append(run_dir)
+        run_in_process({"experiment-text": dump_yaml(cfg), "output-dir": str(run_dir)}, cfg.federated.num_clients)
+        return {}
+
+    result = reproduce(load_card(card_path), tmp_path / "out", runner)
+    assert len(calls) == 2  # the readings at round 1 come from FedAvg's 3-round run
+    cells = {c["id"]: c for c in result["cells"]}
+    fedavg_run = Path(cells["at1"]["runs"][0])
+    assert cells["fedavg:backdoor"]["runs"] == cells["at1"]["runs"]
+    rows = {r["round"]: r for r in map(json.loads, (fedavg_run / "metrics.jsonl").read_text().splitlines())}
+    assert cells["at1"]["ours"]["values"] == [round(rows[1]["asr"], 6)] and cells["at1"]["at_round"] == 1
+    assert cells["acc1"]["ours"]["values"] == [round(rows[1]["accuracy"], 6)]
+    summary = json.loads((fedavg_run / "summary.json").read_text())
+    assert cells["fedavg:backdoor"]["ours"]["values"] == [round(summary["final_asr"], 6)]
+    assert cells["same"]["against"]["mean"] == cells["fedavg:backdoor"]["ours"]["mean"]
+    assert cells["same"]["verdict"] == "reproduced"  # ASRs lie in [0, 1]: always within 1.0
+    assert "round 1 of 3" in (tmp_path / "out" / "reproduction.md").read_text()

@@ -64,6 +64,25 @@ def test_sweep_runs_the_grid_once_and_writes_the_table_and_plots(tmp_path: Path)
     assert len(calls) == 12
 
 
+def test_a_stopped_sweep_keeps_the_table_of_what_finished(tmp_path: Path) -> None:
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(SWEEP)
+    calls: list[Path] = []
+
+    def runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the third run
+        calls.append(run_dir)
+        run_in_process({"experiment-text": dump_yaml(cfg), "output-dir": str(run_dir)}, cfg.federated.num_clients)
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, tmp_path / "out", runner)
+    table = list(csv.DictReader((tmp_path / "out/results.csv").open()))
+    assert sorted(Path(r["run"]) for r in table) == sorted(calls)  # the two finished runs (one per row)
+    assert "4 run(s) of the sweep not finished" in (tmp_path / "out/results.md").read_text()
+
+
 def test_bad_sweeps_report_every_problem(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"base: {ROOT / 'experiments/smoke.yaml'}\nfoo: 1\ngrid: {{training.rounds: [0, 2]}}\n")

@@ -118,8 +118,9 @@ def test_unlearn_writes_models_and_metrics_and_marks_the_oracle(
     assert "ORACLE upper bound" in capsys.readouterr().out
 
 
-def _assert_refused(args: list[str], run: Path, message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert unlearn_main(args) == 2
+def _assert_refused(args: list[str], run: Path, message: str, capsys: pytest.CaptureFixture[str],
+                    code: int = 2) -> None:
+    assert unlearn_main(args) == code
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (run / "unlearning").exists()
@@ -154,6 +155,26 @@ def test_no_clean_data_exit_2(run_dir: Path, tmp_path: Path, capsys: pytest.Capt
 def test_oracle_only_on_explicit_request(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = copy_of(run_dir, tmp_path)
     _assert_refused([str(run), "--strategy", "oracle", "--strategy", "transplant", *FAST], run, "--oracle", capsys)
+
+
+def test_a_trigger_the_server_cannot_confirm_is_refused_unless_forced(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Reconstructions that fire because they really are zeros: occlusion finds their dark centre,
+    which sends about 15 % of the server's clean digits to 0 (the planted patch: about 100 %)."""
+    run = copy_of(run_dir, tmp_path)
+    cfg = load_experiment(run / "config.yaml")
+    zeros = load_data(cfg.dataset, cfg.seed).test.x[load_data(cfg.dataset, cfg.seed).test.y == 0][:3]
+    save_tensors(run / "inversion/round_0002/partition_003/recon.safetensors",
+                 {"images": zeros, "labels": torch.tensor([0, 0, 0])})
+    args = [str(run), "--strategy", "transplant", *FAST, "--min-flip-rate", "0.5"]
+    _assert_refused(args, run, "refusing to unlearn: the recovered trigger", capsys, code=3)
+    assert main([*args, "--force"]) == 0
+    t = json.loads((run / "unlearning/metrics.json").read_text())["trigger"]
+    assert t["server_flip_rate"] < 0.5 and t["confirmation"]["forced"] is True
+    assert t["scoring"]["box_iou"] == 0.0
+    # the planted patch passes the same check
+    good = copy_of(run_dir, tmp_path / "good")
+    assert main([str(good), "--strategy", "transplant", *FAST, "--min-flip-rate", "0.5"]) == 0
 
 
 def test_python_m_unlearning_exit_code_and_no_traceback(tmp_path: Path) -> None:

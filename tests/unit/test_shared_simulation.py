@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_a_sweep_with_a_runner_of_its_own_starts_no_superlink_and_no_ray(tmp_path: Path) -> None:
     sweep = tmp_path / "s.yaml"
-    sweep.write_text(f"base: {ROOT / 'experiments/smoke.yaml'}\ngrid: {{training.seed: [0, 1]}}\n")
+    sweep.write_text(f"base: {ROOT / 'experiments/smoke.yaml'}\ngrid: {{training.lr: [0.05, 0.1]}}\n")
     seen: list[bool] = []
 
     def runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
