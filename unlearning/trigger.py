@@ -12,7 +12,8 @@ its held-out clean set.
    occlusion flips the prediction away from the target wins (a larger patch always hides more,
    so "largest drop" alone would prefer the biggest occluder). The located boxes then vote
    (`agreeing`): a reconstruction that fires because it really shows the target class puts its
-   box on the digit, away from the others.
+   box on the digit, away from the others. Without a majority (a tie, or two boxes apart) every
+   group is estimated and the server's flip rate on its clean images picks one (`candidate_groups`).
 2. *Mask and pattern by consensus.* Inside the union of the located boxes (dilated by one pixel),
    a pixel belongs to the trigger when the median over the firing reconstructions of
    |recon - clean mean| (channel mean) exceeds `threshold`: a trigger is the same pixels in every
@@ -197,7 +198,7 @@ def recover_trigger(
     """
     if len(clean) == 0:
         raise TriggerNotFound("no clean images to compare the reconstructions with")
-    _, c, h, w = images.shape
+    h, w = images.shape[-2:]
     sizes = sizes or default_sizes(h, w)
     pred = predict(model, images).argmax(1)
     firing = [int(i) for i in torch.nonzero(pred == target).flatten()]
@@ -209,9 +210,37 @@ def recover_trigger(
     # Images whose occlusion never flips the target carry no localisable trigger (or the whole
     # image is the trigger); keep them out of the consensus unless nothing flipped at all.
     kept = [loc for loc in locs if loc.flipped] or locs
-    kept = agreeing(kept)
-    used = tuple(loc.index for loc in kept)
-    stack = images[list(used)]  # (K, C, H, W)
+    # The majority group of boxes when there is one; on a tie (or two boxes that disagree) every
+    # group is a candidate and the server's own check decides: the estimate that sends the most of
+    # its clean images to the target (seed 5 of the 40-round default: a box at the trigger and one
+    # on a digit, merged into a 9x3 box on the digit, flip rate 0.009).
+    estimates = []
+    for group in candidate_groups(kept):
+        try:
+            trigger, level = _estimate(images, fill, group, threshold, relative, dilate)
+        except TriggerNotFound as exc:
+            estimates.append(exc)
+            continue
+        estimates.append((server_flip_rate(model, trigger, clean, target), trigger, level, group))
+    found = [e for e in estimates if not isinstance(e, TriggerNotFound)]
+    if not found:
+        raise next(e for e in estimates if isinstance(e, TriggerNotFound))
+    flip, trigger, level, group = max(found, key=lambda e: e[0])
+    used = tuple(loc.index for loc in group)
+    median = images[list(used)].median(0).values  # (C, H, W)
+    log.info("recovered trigger box %s from reconstructions %s (server flip rate %.3f; %d candidate(s))",
+             trigger.box, used, flip, len(found))
+    return RecoveredTrigger(trigger, used, tuple(locs), flip,
+                            {"occluder_sizes": list(sizes), "threshold": round(level, 4),
+                             "firing_reconstructions": firing, "candidates": len(found)}, median)
+
+
+def _estimate(images: Tensor, fill: Tensor, kept: list[Localisation], threshold: float, relative: float,
+              dilate: int) -> tuple[Trigger, float]:
+    """The trigger (mask and median pattern) from the reconstructions of `kept`, and the deviation
+    level its pixels passed. Raises TriggerNotFound when no pixel near the boxes stands out."""
+    h, w = images.shape[-2:]
+    stack = images[[loc.index for loc in kept]]  # (K, C, H, W)
     deviation = (stack - fill).abs().mean(1).median(0).values  # (H, W) median over images
     seed = torch.zeros(h, w, dtype=torch.bool)
     region = torch.zeros(h, w, dtype=torch.bool)
@@ -232,14 +261,17 @@ def recover_trigger(
     top, left, bh, bw = trim_box(bounding_box(chosen), deviation, level)
     mask = torch.zeros(h, w)
     mask[top : top + bh, left : left + bw] = 1
-    median = stack.median(0).values  # (C, H, W)
-    pattern = median * mask
-    trigger = Trigger(mask, pattern)
-    flip = server_flip_rate(model, trigger, clean, target)
-    log.info("recovered trigger box %s from reconstructions %s (server flip rate %.3f)", trigger.box, used, flip)
-    return RecoveredTrigger(trigger, used, tuple(locs), flip,
-                            {"occluder_sizes": list(sizes), "threshold": round(level, 4),
-                             "firing_reconstructions": firing}, median)
+    return Trigger(mask, stack.median(0).values * mask), level
+
+
+def candidate_groups(locs: list[Localisation]) -> list[list[Localisation]]:
+    """`agreeing`'s group when it has a majority; otherwise everything together and each group of
+    touching boxes on its own."""
+    agreed = agreeing(locs)
+    if agreed != locs or len(locs) < 2:
+        return [agreed]
+    groups = _touching_groups(locs)
+    return [locs] + (groups if len(groups) > 1 else [])
 
 
 def agreeing(locs: list[Localisation]) -> list[Localisation]:
@@ -252,6 +284,16 @@ def agreeing(locs: list[Localisation]) -> list[Localisation]:
     """
     if len(locs) < 3:
         return locs
+    groups = _touching_groups(locs)
+    sizes = sorted((len(g) for g in groups), reverse=True)
+    if len(sizes) > 1 and sizes[0] == sizes[1]:
+        return locs
+    best = max(groups, key=len)
+    return [loc for loc in locs if loc in best]
+
+
+def _touching_groups(locs: list[Localisation]) -> list[list[Localisation]]:
+    """Connected components of "the boxes touch once grown by their occluder side"."""
 
     def touch(a: Localisation, b: Localisation) -> bool:
         g = max(a.size, b.size)
@@ -259,15 +301,11 @@ def agreeing(locs: list[Localisation]) -> list[Localisation]:
         return at - g < bt + bh and bt - g < at + ah and al - g < bl + bw and bl - g < al + aw
 
     groups: list[list[Localisation]] = []
-    for loc in locs:  # connected components of the "touch" graph
+    for loc in locs:
         joined = [g for g in groups if any(touch(loc, other) for other in g)]
         merged = [loc] + [x for g in joined for x in g]
         groups = [g for g in groups if g not in joined] + [merged]
-    sizes = sorted((len(g) for g in groups), reverse=True)
-    if len(sizes) > 1 and sizes[0] == sizes[1]:
-        return locs
-    best = max(groups, key=len)
-    return [loc for loc in locs if loc in best]
+    return [[loc for loc in locs if loc in g] for g in groups]
 
 
 def connected(seed: Tensor, allowed: Tensor) -> Tensor:

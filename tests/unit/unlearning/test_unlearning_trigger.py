@@ -93,3 +93,38 @@ def test_agreeing_keeps_the_largest_group_of_touching_boxes() -> None:
     assert agreeing([corner[0], corner[1], digit, loc(4, (0, 0, 1, 1))]) == corner[:2]
     tie = [corner[0], corner[1], digit, loc(4, (9, 10, 7, 7))]
     assert agreeing(tie) == tie  # a tie keeps everything
+
+
+def test_candidate_groups_offer_each_group_when_there_is_no_majority() -> None:
+    from unlearning.trigger import Localisation, candidate_groups
+
+    def loc(i: int, box: tuple[int, int, int, int]) -> Localisation:
+        return Localisation(i, box, box[2], 1.0, -1.0, 3)
+
+    corner = [loc(0, (23, 24, 2, 2)), loc(1, (24, 24, 3, 3)), loc(3, (24, 23, 3, 3))]
+    digit = loc(2, (9, 9, 7, 7))
+    assert candidate_groups([*corner, digit]) == [corner]  # a majority: the vote decides
+    assert candidate_groups([corner[0], digit]) == [[corner[0], digit], [corner[0]], [digit]]
+    assert candidate_groups(corner[:2]) == [corner[:2]]  # two that agree: one candidate
+    assert candidate_groups([digit]) == [[digit]]
+
+
+class PatchOrDigit(nn.Module):
+    """The target wins on the planted patch, or on a "digit" that needs two strokes at once (a
+    reconstruction of a real target image): a box on one stroke flips it, but that stroke alone
+    stamped on a clean image does not."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        patch = x[:, :, TOP : TOP + S, LEFT : LEFT + S].mean((1, 2, 3))
+        digit = torch.minimum(x[:, :, 2:5, 2:5].mean((1, 2, 3)), x[:, :, 2:5, 15:18].mean((1, 2, 3)))
+        return torch.stack([20 * torch.maximum(patch, digit) - 10, torch.zeros_like(patch)], 1)
+
+
+def test_a_tie_between_two_boxes_goes_to_the_one_the_server_check_confirms() -> None:
+    poisoned = images(1, True, seed=1)
+    digit = images(1, False, seed=2)
+    digit[:, :, 2:5, 2:5] = 0.9
+    digit[:, :, 2:5, 15:18] = 0.9
+    found = recover_trigger(PatchOrDigit(), torch.cat([digit, poisoned]), images(40, False, seed=3), target=0)
+    assert found.box == (TOP, LEFT, S, S) and found.used == (1,)
+    assert found.server_flip_rate == 1.0 and found.stats["candidates"] >= 2
