@@ -80,9 +80,10 @@ class LocalWorkers:
         proc = self._slots.get()
         started = time.monotonic()
         stop = threading.Event()
-        if on_progress is not None:
-            threading.Thread(target=follow_metrics, args=(out_dir / "metrics.jsonl", on_progress, stop),
-                             daemon=True).start()
+        follower = threading.Thread(target=follow_metrics, args=(out_dir / "metrics.jsonl", on_progress, stop),
+                                    daemon=True) if on_progress is not None else None
+        if follower is not None:
+            follower.start()
         try:
             if proc is None or proc.poll() is not None:
                 proc = self._start()
@@ -97,6 +98,8 @@ class LocalWorkers:
         finally:
             self._slots.put(proc)
             stop.set()
+            if follower is not None:  # the last rounds are printed before the caller's "done"
+                follower.join(timeout=5)
         outcome = json.loads(reply) if reply else {"ok": False, "error": "the worker process died"}
         summary_path = out_dir / "summary.json"
         if not outcome["ok"] or not summary_path.exists():
