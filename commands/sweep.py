@@ -161,8 +161,7 @@ def run_sweep(
     run_dirs = [done.setdefault(run_identity(s.cfg), out / "runs" / s.slug) for s in settings]
     todo: dict[Path, tuple[int, Setting]] = {}
     for i, (setting, run_dir) in enumerate(zip(settings, run_dirs, strict=True)):
-        finished = (run_dir / "summary.json").exists() and same_run(run_dir, setting.cfg)
-        if not finished and run_dir not in todo:
+        if run_dir not in todo and not ((run_dir / "summary.json").exists() and same_run(run_dir, setting.cfg)):
             todo[run_dir] = (i, setting)
 
     def one(run_dir: Path) -> None:
@@ -176,14 +175,13 @@ def run_sweep(
         with shared_simulation(out):
             run_all([functools.partial(one, run_dir) for run_dir in todo], jobs)
     finally:  # also when stopped: the table of what finished, the missing runs named (nothing lost)
-        rows = []
-        for setting, run_dir in zip(settings, run_dirs, strict=True):
-            if (run_dir / "summary.json").exists() and same_run(run_dir, setting.cfg):
-                summary = json.loads((run_dir / "summary.json").read_text())
-                rows.append(result_row(setting, summary, read_jsonl(run_dir / "metrics.jsonl"), run_dir))
+        # A run is in the table when it was finished before (not in `todo`) or finished now.
+        missing = {d for d in todo if not (d / "summary.json").exists()}
+        rows = [result_row(setting, json.loads((run_dir / "summary.json").read_text()),
+                           read_jsonl(run_dir / "metrics.jsonl"), run_dir)
+                for setting, run_dir in zip(settings, run_dirs, strict=True) if run_dir not in missing]
         fill_floors(rows)
-        missing = len({*run_dirs}) - len({Path(r["run"]) for r in rows})
-        write_results(out, name, rows, missing)
+        write_results(out, name, rows, len(missing))
     return rows
 
 

@@ -214,17 +214,16 @@ def recover_trigger(
     # group is a candidate and the server's own check decides: the estimate that sends the most of
     # its clean images to the target (seed 5 of the 40-round default: a box at the trigger and one
     # on a digit, merged into a 9x3 box on the digit, flip rate 0.009).
-    estimates = []
+    found, failures = [], []
     for group in candidate_groups(kept):
         try:
             trigger, level = _estimate(images, fill, group, threshold, relative, dilate)
         except TriggerNotFound as exc:
-            estimates.append(exc)
+            failures.append(exc)
             continue
-        estimates.append((server_flip_rate(model, trigger, clean, target), trigger, level, group))
-    found = [e for e in estimates if not isinstance(e, TriggerNotFound)]
+        found.append((server_flip_rate(model, trigger, clean, target), trigger, level, group))
     if not found:
-        raise next(e for e in estimates if isinstance(e, TriggerNotFound))
+        raise failures[0]
     flip, trigger, level, group = max(found, key=lambda e: e[0])
     used = tuple(loc.index for loc in group)
     median = images[list(used)].median(0).values  # (C, H, W)

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench_scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def rt() -> ModuleType:
-    # bench/ is a folder of scripts, not a package: load the script as a module.
-    spec = importlib.util.spec_from_file_location("bench_round_time", ROOT / "bench" / "round_time.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("round_time")
 
 
 def test_paper_config_is_the_card_at_n_clients(rt: ModuleType) -> None:
