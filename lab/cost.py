@@ -3,9 +3,10 @@
 torch's CPU allocator keeps no statistics and tracemalloc does not see it, so the peak is the
 kernel's: the process's high-water mark (VmHWM in /proc/self/status) is reset just before the call
 (writing 5 to /proc/self/clear_refs, Linux >= 4.0) and read after it; the cost is VmHWM - VmRSS
-before. Where the reset is not allowed (not Linux, a locked-down /proc) the peak is None, never a
-guess. The reset touches only that counter. The aggregation rules run on CPU tensors, so CUDA
-memory is not counted.
+before. Memory the allocator already holds (pages a freed object left resident) costs nothing and
+reads 0: the number is what the call added to the process, not what it touched. Where the reset is
+not allowed (not Linux, a locked-down /proc) the peak is None, never a guess. The reset touches
+only that counter. The aggregation rules run on CPU tensors, so CUDA memory is not counted.
 """
 
 from __future__ import annotations

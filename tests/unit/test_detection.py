@@ -117,11 +117,27 @@ def test_roc_curve_of_a_perfect_rule_goes_through_the_corner() -> None:
     assert roc_curve(perfect, malicious=[]) is None
 
 
-def test_measured_reports_seconds_and_a_peak_for_a_big_allocation() -> None:
-    import torch
+def _touch_fresh_pages(n_bytes: int) -> int:
+    # An anonymous mapping of its own: the allocator's free lists cannot serve it, so every page
+    # written is new resident memory (a torch tensor may reuse pages an earlier test freed).
+    import mmap
 
-    result, cost = measured(lambda: float(torch.ones(8_000_000).sum()))  # 32 MB
-    assert result == 8_000_000.0
+    block = mmap.mmap(-1, n_bytes)
+    for offset in range(0, n_bytes, mmap.PAGESIZE):
+        block[offset] = 1
+    block.close()
+    return n_bytes
+
+
+def test_measured_reports_seconds_and_a_peak_for_a_big_allocation() -> None:
+    result, cost = measured(lambda: _touch_fresh_pages(64 << 20))
+    assert result == 64 << 20
     assert cost.seconds >= 0.0
     if cost.peak_mb is not None:  # None where /proc/self/clear_refs may not be written
-        assert cost.peak_mb > 16
+        assert cost.peak_mb > 48
+
+
+def test_measured_counts_no_peak_for_memory_the_process_already_holds() -> None:
+    _, cost = measured(lambda: sum(range(1000)))
+    if cost.peak_mb is not None:
+        assert cost.peak_mb < 8
