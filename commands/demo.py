@@ -60,8 +60,11 @@ DEFAULT_DEFENSE = "foolsgold"
 # swung between 0.19 and 0.97 up to round 20) and stops at 15, probing the last round. Inversion
 # keeps the CPU preset (1500 iterations x 4 restarts), one update per core: with 1000 x 2 the
 # recovered trigger was a 2x7 strip (IoU 0.36) and unlearning left ASR at 0.032; with the preset
-# the box is exact (IoU 1.0) and ASR goes to 0 (seed 0, bench/RESULTS.md).
-FULL_OVERRIDES = ("training.rounds=15", "capture.rounds=[15]")
+# the box is exact (IoU 1.0) and ASR goes to 0 (seed 0, bench/RESULTS.md). The probe sends the
+# last round's own model, not default.yaml's round 5: at 15 rounds the model is not yet fit enough
+# to hide the poisoned images, and on 10 seeds the last round's probe cured every seed within the
+# accuracy budget where round 5's missed two (one refused trigger, one -1.1 points; issue 16).
+FULL_OVERRIDES = ("training.rounds=15", "capture.rounds=[15]", "capture.probe.model_round=null")
 
 
 @dataclass(frozen=True)

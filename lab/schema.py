@@ -168,6 +168,10 @@ class ProbeConfig:
     local_steps: int = 1
     batch_size: int = 1
     lr: float = 0.01
+    # Send the global model of this earlier round instead of the current one. A well-fit model's
+    # gradients carry little of the images it already fits (a learned backdoor's most of all); the
+    # replies are rebased onto the current model, so training goes on as with a plain probe.
+    model_round: int | None = None
 
 
 @dataclass(frozen=True)

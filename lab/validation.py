@@ -121,6 +121,11 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         need(c.probe.local_steps >= 1, "capture.probe.local_steps", "must be >= 1")
         need(c.probe.batch_size >= 1, "capture.probe.batch_size", "must be >= 1")
         need(c.probe.lr > 0, "capture.probe.lr", "must be > 0")
+        if c.probe.model_round is not None:
+            need(c.probe.model_round >= 1, "capture.probe.model_round", "must be >= 1 (a training round)")
+            earlier = [r for r in c.rounds if r < c.probe.model_round]
+            need(not earlier, "capture.probe.model_round",
+                 f"round {c.probe.model_round}'s model cannot be sent in capture round(s) {earlier} before it")
 
     u = cfg.unlearning
     need(u.steps >= 1, "unlearning.steps", "must be >= 1")

@@ -9,7 +9,10 @@ captured *before* the inner strategy sees them (Flower's FedMedian pops arrays o
 A probe round is the curious server setting local training itself: every client sampled in that
 round is asked for `local_steps` SGD steps on one fixed batch of `batch_size` images (FedSGD when
 steps is 1). Before the first replies the server cannot tell which node holds which partition, so
-the probe goes to the whole round, like a real FedSGD round would.
+the probe goes to the whole round, like a real FedSGD round would. With `probe.model_round` the
+probe carries the global model of that earlier round (kept in memory, or read back from its
+checkpoint after a resume); each reply's change is then added to the current model before the
+inner strategy aggregates it, so the run trains on as it would with a plain probe.
 
 An entry is filed under the partition its node holds (`strategies.replies.IdentityBook`, shared
 with `RobustFedAvg` so both agree), never under a partition a reply merely claims.
@@ -33,7 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from lab.artifacts import append_jsonl, read_jsonl, write_json
+from lab.artifacts import append_jsonl, load_tensors, read_jsonl, write_json
 from lab.capture import UPPER_BOUND_NOTE, CapturedUpdate, evidence_path, write_entry
 from lab.config import CaptureConfig
 from lab.errors import LabError
@@ -57,6 +60,7 @@ class CapturePlan:
     image_shape: tuple[int, int, int]
     mode: str = "listed"  # suspects | all | malicious | listed
     top_k: int = 3
+    probe_model_round: int | None = None  # the round whose global model the probe sends (None: current)
 
     @property
     def selection(self) -> dict[str, object]:
@@ -82,7 +86,8 @@ class CapturePlan:
         if cfg.probe is not None:
             probe = LocalHyperparams(epochs=1, steps=cfg.probe.local_steps, batch_size=cfg.probe.batch_size,
                                      lr=cfg.probe.lr, momentum=base.momentum, weight_decay=base.weight_decay)
-        return cls(frozenset(cfg.rounds), select, probe, cfg.max_bytes, image_shape, mode, cfg.top_k)
+        return cls(frozenset(cfg.rounds), select, probe, cfg.max_bytes, image_shape, mode, cfg.top_k,
+                   cfg.probe.model_round if cfg.probe is not None else None)
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,10 @@ class CaptureUpdates(Strategy):
         self.written = sum(int(r.get("bytes", 0)) for r in read_jsonl(out_dir / "manifest.jsonl"))
         self.full = False
         self._sent: dict[int, tuple[dict[str, object], LocalHyperparams]] = {}
-        self._global: ArrayRecord | None = None
+        self._global: ArrayRecord | None = None  # what the clients were sent (an earlier model in a probe)
+        self._current: ArrayRecord | None = None  # the round's global model
+        self._earlier: ArrayRecord | None = None  # the global model of `plan.probe_model_round`
+        self._sent_round: int | None = None  # the round `_global` belongs to
         self.book = SuspectBook() if plan.mode == "suspects" else None
         self._probing = False
         if self.book is not None and hasattr(inner, "on_round"):
@@ -136,20 +144,52 @@ class CaptureUpdates(Strategy):
                         grid: Grid) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.identities.release_absent(grid.get_node_ids())  # the default reader's own book
-        self._global = arrays
+        if server_round == self.plan.probe_model_round:
+            self._earlier = ArrayRecord({k: v.clone() for k, v in to_tensors(arrays).items()})
+        self._global, self._current, self._sent_round = arrays, arrays, server_round
         self._sent = {}
         if server_round in self.plan.rounds and self.plan.probe is not None:
-            messages = [self._probe(m) for m in messages]
+            self._global, self._sent_round = self._probe_model(server_round, arrays)
+            messages = [self._probe(m, self._global) for m in messages]
         for m in messages:
             sent = dict(m.content["config"])
             self._sent[m.metadata.dst_node_id] = (sent, LocalHyperparams.from_config(sent))
         return messages
 
-    def _probe(self, msg: Message) -> Message:
+    def _probe_model(self, server_round: int, current: ArrayRecord) -> tuple[ArrayRecord, int]:
+        """The model a probe sends, and its round: `plan.probe_model_round`'s, else the current one."""
+        wanted = self.plan.probe_model_round
+        if wanted is None or wanted == server_round:
+            return current, server_round
+        if self._earlier is None:  # a resumed run: the model sent in round R is round R-1's checkpoint
+            path = self.out_dir.parent / "checkpoints" / f"round_{wanted - 1:04d}.safetensors"
+            try:
+                self._earlier = ArrayRecord(load_tensors(path))
+            except (LabError, OSError) as exc:
+                log.warning("round %d: probing with the current model: round %d's is not kept (%s)",
+                            server_round, wanted, exc)
+                return current, server_round
+        return self._earlier, wanted
+
+    def _probe(self, msg: Message, arrays: ArrayRecord) -> Message:
         assert self.plan.probe is not None
         config = ConfigRecord({**dict(msg.content["config"]), **self.plan.probe.to_config(), "fixed-batch": True})
-        content = RecordDict({"arrays": msg.content["arrays"], "config": config})
+        content = RecordDict({"arrays": arrays, "config": config})
         return Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
+
+    def _rebase(self, replies: list[Message]) -> None:
+        """Each reply's change from the earlier model, added to the current one (in place)."""
+        assert self._global is not None and self._current is not None
+        sent, current = to_tensors(self._global), to_tensors(self._current)
+        for msg in replies:
+            if msg.has_error():
+                continue
+            for key, record in list(msg.content.array_records.items()):
+                state = to_tensors(record)
+                if state.keys() != sent.keys() or any(state[k].shape != sent[k].shape for k in sent):
+                    continue  # malformed: left for the aggregation to refuse
+                msg.content[key] = ArrayRecord({k: current[k] + (v - sent[k]) if v.is_floating_point() else v
+                                                for k, v in state.items()})
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -159,6 +199,8 @@ class CaptureUpdates(Strategy):
         pending = self._collect(server_round, replies) if capture else []
         if self.book is not None and not self._probing:
             self._observe(pending or self._collect(server_round, replies, quiet=True))
+        if self._sent_round != server_round:  # probed with an earlier model
+            self._rebase(replies)
         result = self.inner.aggregate_train(server_round, replies)  # may pop arrays: read first
         if capture:
             self._write(server_round, pending)
@@ -231,7 +273,7 @@ class CaptureUpdates(Strategy):
                 "id": entry_id, "file": f"{entry_id}.safetensors", "round": server_round, "node_id": int(node),
                 "partition_id": partition, "num_examples": item.num_examples,
                 "hyperparams": {k: v for k, v in sent.items() if k != "server-round"},
-                "probe": bool(sent.get("fixed-batch", False)), "bytes": size,
+                "probe": bool(sent.get("fixed-batch", False)), "model_round": self._sent_round, "bytes": size,
                 "evidence": str(evidence.relative_to(self.out_dir)) if evidence.exists() else None,
                 "selection": {**self.plan.selection, **selection[partition]},
             })

@@ -10,12 +10,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
-from lab.artifacts import read_jsonl
+from lab.artifacts import load_tensors, read_jsonl, save_tensors
 from lab.capture import probe_update, read_entry, read_evidence
 from lab.config import CaptureConfig, ProbeConfig, dump_yaml, load_experiment
 from lab.data import load_data
 from lab.task import LocalHyperparams, build_for, load_state, state_of
 from server.capture import CapturePlan, CaptureUpdates
+from strategies.flower import to_tensors
 from tests.integration.harness import FakeGrid, run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +44,45 @@ def test_probe_round_entries_replay_exactly_from_the_evidence(tmp_path: Path) ->
     malicious = [r for r in manifest if r["partition_id"] == 3][0]
     _, labels = read_evidence(tmp_path / "captures" / malicious["evidence"])
     assert labels.numel() >= 4  # the attacker's batch may carry appended or relabelled samples
+
+
+def test_a_probe_with_an_earlier_model_captures_its_gradients_and_training_goes_on(tmp_path: Path) -> None:
+    cfg = load_experiment(ROOT / "experiments/smoke.yaml",
+                          ["training.rounds=3", "capture.enabled=true", "capture.rounds=[3]", "capture.clients=all",
+                           "capture.probe={local_steps: 1, batch_size: 2, lr: 0.01, model_round: 2}",
+                           "capture.evidence=true"])
+    run_in_process({"experiment-text": dump_yaml(cfg), "output-dir": str(tmp_path)}, 4)
+    manifest = read_jsonl(tmp_path / "captures/manifest.jsonl")
+    assert sorted(r["partition_id"] for r in manifest) == [0, 1, 2, 3]
+    assert all(r["round"] == 3 and r["model_round"] == 2 for r in manifest)
+    sent_in_round_2 = load_tensors(tmp_path / "checkpoints/round_0001.safetensors")
+    before = load_tensors(tmp_path / "checkpoints/round_0002.safetensors")
+    after = load_tensors(tmp_path / "checkpoints/round_0003.safetensors")
+    data = load_data(cfg.dataset, cfg.seed)
+    weighted = {k: torch.zeros_like(v) for k, v in before.items() if v.is_floating_point()}
+    for row in manifest:
+        entry = read_entry(tmp_path / "captures" / row["file"])
+        assert all(torch.equal(entry.global_state[k], v) for k, v in sent_in_round_2.items())
+        images, labels = read_evidence(tmp_path / "captures" / row["evidence"])
+        replay = probe_update(load_state(build_for(cfg, data), entry.global_state), images, labels, entry.hyperparams)
+        for key in weighted:
+            assert torch.allclose(replay[key], entry.update[key], atol=1e-6), key
+            weighted[key] += entry.update[key] * row["num_examples"]
+    # FedAvg of the rebased replies: the probe's changes land on round 2's model, not on round 1's.
+    total = sum(r["num_examples"] for r in manifest)
+    for key, summed in weighted.items():
+        assert torch.allclose(after[key], before[key] + summed / total, atol=1e-5), key
+
+
+def test_a_resumed_run_probes_with_the_earlier_model_read_back_from_its_checkpoint(tmp_path: Path) -> None:
+    plan = CapturePlan.of(CaptureConfig(enabled=True, rounds=(5,), clients="all", probe=ProbeConfig(model_round=3)),
+                          LocalHyperparams(1, 1, 1, 0.01, 0.9, 0.0), frozenset(), (1, 8, 8))
+    hook = CaptureUpdates(FedAvg(), tmp_path / "captures", plan)
+    current = ArrayRecord({"w": torch.ones(3)})
+    assert hook._probe_model(5, current) == (current, 5)  # nothing kept, no checkpoint: a warning
+    save_tensors(tmp_path / "checkpoints/round_0002.safetensors", {"w": torch.tensor([1.0, 2.0, 3.0])})
+    sent, model_round = hook._probe_model(5, current)
+    assert model_round == 3 and torch.equal(to_tensors(sent)["w"], torch.tensor([1.0, 2.0, 3.0]))
 
 
 def test_capture_budget_stops_capturing_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

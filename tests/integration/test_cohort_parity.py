@@ -81,9 +81,11 @@ def test_cohorts_give_the_same_run_as_one_message_per_client(tmp_path: Path, cas
     assert summary_b["settings"]["execution.clients_per_message"] > 1
 
 
-def test_cohort_captures_file_the_same_entries_under_the_same_partitions(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model_round", [2, 1])  # 1: the probe sends round 1's model, replies rebased
+def test_cohort_captures_file_the_same_entries_under_the_same_partitions(tmp_path: Path, model_round: int) -> None:
     overrides = ["training.rounds=2", "capture.enabled=true", "capture.rounds=[2]", "capture.clients=all",
-                 "capture.evidence=true", "capture.probe={local_steps: 2, batch_size: 4, lr: 0.01}"]
+                 "capture.evidence=true",
+                 f"capture.probe={{local_steps: 2, batch_size: 4, lr: 0.01, model_round: {model_round}}}"]
     run(tmp_path / "plain", overrides, None)
     run(tmp_path / "cohort", overrides, 3)  # 4 clients over 3 nodes: cohorts of 2, 1 and 1
     plain = read_jsonl(tmp_path / "plain" / "captures" / "manifest.jsonl")
@@ -96,6 +98,11 @@ def test_cohort_captures_file_the_same_entries_under_the_same_partitions(tmp_pat
         for k in ea:
             torch.testing.assert_close(ea[k], eb[k], rtol=1e-5, atol=1e-6)
         assert ra["evidence"] == rb["evidence"] and ra["evidence"] is not None
+        assert ra["model_round"] == rb["model_round"] == model_round
+    final_a = load_file(str(tmp_path / "plain" / "checkpoints" / "round_0002.safetensors"))
+    final_b = load_file(str(tmp_path / "cohort" / "checkpoints" / "round_0002.safetensors"))
+    for k in final_a:  # the rebased cohort replies aggregate to the same model
+        torch.testing.assert_close(final_a[k], final_b[k], rtol=1e-5, atol=1e-6)
 
 
 def test_a_deployed_node_refuses_a_cohort_order(tmp_path: Path) -> None:

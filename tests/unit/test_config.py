@@ -45,8 +45,8 @@ def test_all_problems_are_reported_at_once_with_key_paths() -> None:
 
 def test_overrides_apply_nested_keys_and_parse_yaml_values() -> None:
     cfg = load_experiment(ROOT / "experiments/default.yaml",
-                          ["training.rounds=3", "capture.rounds=[3]", "attack.boost=auto", "attack.trigger.size=2",
-                           "federated.aggregator.params={beta: 0.1}"])
+                          ["training.rounds=3", "capture.rounds=[3]", "capture.probe.model_round=2", "attack.boost=auto",
+                           "attack.trigger.size=2", "federated.aggregator.params={beta: 0.1}"])
     assert cfg.training.rounds == 3
     assert cfg.attack.boost == "auto"
     assert cfg.attack.trigger.size == 2
@@ -66,6 +66,15 @@ def test_impossible_values() -> None:
     text = " ".join(err.value.problems)
     assert "clients_per_round" in text and "source_class" in text and "capture.rounds[0]" in text
     assert "capture.top_k: must be >= 1" in text
+
+
+def test_a_probe_cannot_send_a_model_from_after_its_round() -> None:
+    with pytest.raises(ConfigError, match=r"capture.probe.model_round: round 5's model cannot be sent in .*\[3\]"):
+        load_experiment(ROOT / "experiments/default.yaml", ["capture.rounds=[3, 40]", "capture.probe.model_round=5"])
+    with pytest.raises(ConfigError, match="capture.probe.model_round: must be >= 1"):
+        load_experiment(ROOT / "experiments/default.yaml", ["capture.probe.model_round=0"])
+    cfg = load_experiment(ROOT / "experiments/default.yaml", ["capture.probe.model_round=5"])
+    assert cfg.capture.probe is not None and cfg.capture.probe.model_round == 5
 
 
 def test_attack_needs_attackers_and_ratio_list_is_kept() -> None:

@@ -93,6 +93,11 @@ def test_agreeing_keeps_the_largest_group_of_touching_boxes() -> None:
     assert agreeing([corner[0], corner[1], digit, loc(4, (0, 0, 1, 1))]) == corner[:2]
     tie = [corner[0], corner[1], digit, loc(4, (9, 10, 7, 7))]
     assert agreeing(tie) == tie  # a tie keeps everything
+    # Seed 8 of the 40-round default: a 7x7 box on a real zero's centre is 5 pixels from the two
+    # corner boxes; grown by its own side it reached them and the three merged onto the digit.
+    zero = loc(5, (13, 11, 7, 7))
+    assert agreeing([loc(0, (24, 24, 3, 3)), loc(2, (23, 24, 3, 3)), zero]) == [loc(0, (24, 24, 3, 3)),
+                                                                               loc(2, (23, 24, 3, 3))]
 
 
 def test_candidate_groups_offer_each_group_when_there_is_no_majority() -> None:
