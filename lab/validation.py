@@ -108,7 +108,9 @@ def validate(cfg: ExperimentConfig) -> list[str]:
              f"images of {d.name} (size + margin must be <= {side}; see dataset.image_size)")
     need(0 <= a.trigger.value <= 1, "attack.trigger.value", "must be in [0, 1]")
 
-    for i, r in enumerate(c.rounds):
+    # A disabled capture's rounds are not checked: `--set training.rounds=10` on a config that
+    # captures round 40 with capture off must run.
+    for i, r in enumerate(c.rounds if c.enabled else ()):
         need(1 <= r <= t.rounds, f"capture.rounds[{i}]", f"round {r} is outside 1..{t.rounds}")
     if isinstance(c.clients, tuple):
         for i, pid in enumerate(c.clients):
@@ -123,7 +125,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         need(c.probe.lr > 0, "capture.probe.lr", "must be > 0")
         if c.probe.model_round is not None:
             need(c.probe.model_round >= 1, "capture.probe.model_round", "must be >= 1 (a training round)")
-            earlier = [r for r in c.rounds if r < c.probe.model_round]
+            earlier = [r for r in c.rounds if r < c.probe.model_round] if c.enabled else []
             need(not earlier, "capture.probe.model_round",
                  f"round {c.probe.model_round}'s model cannot be sent in capture round(s) {earlier} before it")
 

@@ -62,10 +62,17 @@ def test_impossible_values() -> None:
     with pytest.raises(ConfigError) as err:
         load_experiment({"federated": {"num_clients": 4, "clients_per_round": 9},
                          "dataset": {"source_class": 0, "target_class": 0},
-                         "capture": {"rounds": [99], "top_k": 0}})
+                         "capture": {"enabled": True, "rounds": [99], "top_k": 0}})
     text = " ".join(err.value.problems)
     assert "clients_per_round" in text and "source_class" in text and "capture.rounds[0]" in text
     assert "capture.top_k: must be >= 1" in text
+
+
+def test_a_disabled_capture_does_not_hold_a_shorter_run_back() -> None:
+    with pytest.raises(ConfigError, match=r"capture.rounds\[0\]: round 40 is outside 1..10"):
+        load_experiment(ROOT / "experiments/default.yaml", ["training.rounds=10"])
+    cfg = load_experiment(ROOT / "experiments/default.yaml", ["training.rounds=10", "capture.enabled=false"])
+    assert cfg.training.rounds == 10 and not cfg.capture.enabled
 
 
 def test_a_probe_cannot_send_a_model_from_after_its_round() -> None:
