@@ -34,16 +34,8 @@ from lab.metrics import predict
 from lab.runfolder import contained
 from lab.task import generator, set_threads
 from unlearning.materials import Plan, recover
-from unlearning.methods import (
-    STRATEGIES,
-    Budget,
-    FinetuneResult,
-    StrategyError,
-    accuracy,
-    accuracy_floor,
-    finetune,
-    get_strategy,
-)
+from unlearning.methods import (LAYERS, STRATEGIES, Budget, FinetuneResult, StrategyError, accuracy,
+                                accuracy_floor, finetune, get_strategy)
 from unlearning.trigger import server_flip_rate
 from unlearning.verify import (
     NoReconstructions,
@@ -166,6 +158,8 @@ def unlearn_parser() -> argparse.ArgumentParser:
                    help="weight of the hinge that pushes the target logit of stamped images below their best other "
                         "class by --penalty-margin (0 = labels and distillation only, the previous recipe)")
     p.add_argument("--penalty-margin", type=float, default=1.0, help="logits the target must trail by")
+    p.add_argument("--layers", choices=LAYERS, default="all",
+                   help="what trains: all, or only the model's last linear layer (head)")
     p.add_argument("--box-slack", type=int, default=1,
                    help="transplant also stamps the boxes within this many pixels of the recovered one that "
                         "flip the server's clean images as well (0 = the recovered box only)")
@@ -291,7 +285,7 @@ def _unlearn(args: argparse.Namespace) -> int:
     budget = Budget(p.hp.steps, p.hp.lr, p.hp.momentum, p.hp.batch_size, p.hp.freeze_bn,
                     min_accuracy=accuracy_floor(val_before, p.hp.max_accuracy_drop, len(val)), eval_every=args.eval_every,
                     patience=args.patience, distill=args.distill, target_penalty=args.target_penalty,
-                    penalty_margin=args.penalty_margin)
+                    penalty_margin=args.penalty_margin, layers=args.layers)
     results: dict[str, FinetuneResult] = {}
     after: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
@@ -350,8 +344,7 @@ def _unlearn(args: argparse.Namespace) -> int:
                                            "with the strategy's trigger (recovered; true for the oracle) is lowest", "eval_every": args.eval_every,
                         "patience": args.patience, "distill": args.distill, "box_slack": p.box_slack,
                         "target_penalty": args.target_penalty, "penalty_margin": args.penalty_margin,
-                        "refine_steps": p.refine_steps,
-                        "seed": p.seed},
+                        "refine_steps": p.refine_steps, "layers": args.layers, "seed": p.seed},
         "seconds": round(time.perf_counter() - start, 3),
     }
     # Everything is computed; now the writes (each atomic), models first, metrics last.

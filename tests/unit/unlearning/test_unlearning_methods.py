@@ -24,6 +24,7 @@ from unlearning.methods import (
     row_loss,
     stamp_share,
     target_penalty,
+    train_only,
 )
 from unlearning.trigger import target_margin
 
@@ -102,6 +103,32 @@ def test_true_trigger_transplant_removes_the_backdoor_at_small_accuracy_cost(tin
     assert before.accuracy - after.accuracy < 0.05
     assert res.steps == 60 and not res.stopped_early
     assert evaluate(model, data.test, trig, 0, 1) == before  # the original model was not touched
+
+
+def test_head_only_unlearning_changes_only_the_last_linear_layer_and_removes_the_backdoor(tiny) -> None:  # type: ignore[no-untyped-def]
+    cfg, data, trig, model = tiny
+    before = evaluate(model, data.test, trig, 0, 1)
+    budget = Budget(steps=60, lr=0.01, momentum=0.9, batch_size=32, freeze_bn=True, min_accuracy=0.0, layers="head")
+    res = finetune(model, data.server, data.server, stamp_share(trig, 0.2), budget,
+                   generator(0, "order"), generator(0, "noise"))
+    head = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    original = model.state_dict()
+    changed = {k for k, v in res.state.items() if not torch.equal(v, original[k])}
+    assert changed == {f"{head}.weight", f"{head}.bias"}
+    after_model = build_for(cfg, data)
+    after_model.load_state_dict(res.state)
+    after = evaluate(after_model.eval(), data.test, trig, 0, 1)
+    assert before.asr - after.asr > 0.5 and before.accuracy - after.accuracy < 0.05
+
+
+def test_train_only_refuses_an_unknown_choice_and_all_keeps_everything_trainable(tiny) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    model = copy.deepcopy(tiny[3])
+    train_only(model, "all")
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="layers must be one of"):
+        train_only(model, "middle")
 
 
 def test_clean_finetune_with_the_same_budget_leaves_the_backdoor(tiny) -> None:  # type: ignore[no-untyped-def]
