@@ -185,11 +185,15 @@ class CaptureUpdates(Strategy):
             if msg.has_error():
                 continue
             for key, record in list(msg.content.array_records.items()):
-                state = to_tensors(record)
-                if state.keys() != sent.keys() or any(state[k].shape != sent[k].shape for k in sent):
-                    continue  # malformed: left for the aggregation to refuse
-                msg.content[key] = ArrayRecord({k: current[k] + (v - sent[k]) if v.is_floating_point() else v
-                                                for k, v in state.items()})
+                try:
+                    state = to_tensors(record)
+                    if state.keys() != sent.keys() or any(state[k].shape != sent[k].shape for k in sent):
+                        continue  # malformed: left for the aggregation to refuse
+                    rebased = {k: current[k] + (v - sent[k]) if v.is_floating_point() else v
+                               for k, v in state.items()}
+                except (LabError, RuntimeError, TypeError, ValueError):
+                    continue  # unreadable: the same
+                msg.content[key] = ArrayRecord(rebased)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -83,7 +83,11 @@ def hostile(node: int, server_round: int, reply: Message) -> Message:
     return forge(reply, RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}))
 
 
-def test_hostile_replies_are_refused_with_a_reason_and_the_model_stays_finite(tmp_path: Path) -> None:
+# The second case probes round 2 with round 1's model: the hostile replies then pass the capture's
+# rebasing onto the current model before the aggregation refuses them.
+@pytest.mark.parametrize("probe", [[], ["capture.probe={local_steps: 1, batch_size: 1, lr: 0.01, model_round: 1}"]])
+def test_hostile_replies_are_refused_with_a_reason_and_the_model_stays_finite(tmp_path: Path,
+                                                                             probe: list[str]) -> None:
     rounds: Counter[int] = Counter()
 
     def tamper(node: int, reply: Message) -> Message:
@@ -91,7 +95,7 @@ def test_hostile_replies_are_refused_with_a_reason_and_the_model_stays_finite(tm
         return hostile(node, rounds[node], reply)
 
     cfg = smoke(f"federated.num_clients={NODES}", "attack.attackers_ratio=0.1", "capture.enabled=true",
-                "capture.rounds=[1, 2]", "capture.clients=all")
+                "capture.rounds=[1, 2]", "capture.clients=all", *probe)
     run_in_process({"experiment-text": cfg, "output-dir": str(tmp_path)}, NODES, tamper=tamper)
 
     rows = strict_rows(tmp_path / "metrics.jsonl")
