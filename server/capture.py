@@ -145,7 +145,7 @@ class CaptureUpdates(Strategy):
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.identities.release_absent(grid.get_node_ids())  # the default reader's own book
         if server_round == self.plan.probe_model_round:
-            self._earlier = ArrayRecord({k: v.clone() for k, v in to_tensors(arrays).items()})
+            self._earlier = ArrayRecord(to_tensors(arrays))  # its own copy (`to_tensors` reads fresh arrays)
         self._global, self._current, self._sent_round = arrays, arrays, server_round
         self._sent = {}
         if server_round in self.plan.rounds and self.plan.probe is not None:
