@@ -33,21 +33,13 @@ from lab.errors import ConfigError, LabError
 from lab.metrics import predict
 from lab.runfolder import contained
 from lab.task import generator, set_threads
+from unlearning.ensemble import ensemble
 from unlearning.materials import Plan, recover
 from unlearning.methods import (LAYERS, STRATEGIES, Budget, FinetuneResult, StrategyError, accuracy,
                                 accuracy_floor, finetune, get_strategy)
 from unlearning.trigger import server_flip_rate
-from unlearning.verify import (
-    NoReconstructions,
-    Reconstructions,
-    Run,
-    RunFolderError,
-    capture_of,
-    load_reconstructions,
-    load_run,
-    read_image,
-    verify,
-)
+from unlearning.verify import (NoReconstructions, Reconstructions, Run, RunFolderError, capture_of,
+                               load_reconstructions, load_run, read_image, verify)
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +152,9 @@ def unlearn_parser() -> argparse.ArgumentParser:
     p.add_argument("--penalty-margin", type=float, default=1.0, help="logits the target must trail by")
     p.add_argument("--layers", choices=LAYERS, default="all",
                    help="what trains: all, or only the model's last linear layer (head)")
+    p.add_argument("--soup", type=int, default=3, help="average this many fine-tunes that differ only in their draws")
+    p.add_argument("--blend", type=float, default=0.7, help="keep this share of the (averaged) weight change; both "
+                   "only while the recovered trigger fires no more on the validation images than after one fine-tune")
     p.add_argument("--box-slack", type=int, default=1,
                    help="transplant also stamps the boxes within this many pixels of the recovered one that "
                         "flip the server's clean images as well (0 = the recovered box only)")
@@ -169,6 +164,8 @@ def unlearn_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-flip-rate", type=float, default=0.05,
                    help="refuse (exit 3) when the recovered trigger sends fewer of the server's clean images to "
                         "the target: then it is not the backdoor's trigger (default 0.05; the digits runs: 0.16-0.77)")
+    p.add_argument("--search-steps", type=int, default=200, help="a refused box gets a Neural Cleanse-style mask "
+                   "search near it, used if it passes the check and beats its mirror-image controls (0 = none)")
     p.add_argument("--force", action="store_true",
                    help="unlearn even when the recovered trigger fails the --min-flip-rate check")
     p.add_argument("--sanitized", choices=sorted(set(STRATEGIES) - {"oracle"}),
@@ -239,9 +236,10 @@ def plan(run: Run, args: argparse.Namespace) -> Plan:
         (0 <= args.distill <= 1, "--distill must be in [0, 1]"),
         (0 <= args.box_slack <= 3, "--box-slack must be in 0..3"),
         (args.refine_steps >= 0, "--refine-steps must be >= 0"),
-        (0 <= args.min_flip_rate <= 1, "--min-flip-rate must be in [0, 1]"),
+        (0 <= args.min_flip_rate <= 1, "--min-flip-rate must be in [0, 1]"), (args.search_steps >= 0, "--search-steps must be >= 0"),
         (args.target_penalty >= 0, "--target-penalty must be >= 0"),
-        (args.penalty_margin >= 0, "--penalty-margin must be >= 0"),
+        (args.penalty_margin >= 0, "--penalty-margin must be >= 0"), (0 < args.blend <= 1, "--blend must be in (0, 1]"),
+        (args.soup >= 1, "--soup must be >= 1"),
     ) if not ok]
     if problems:
         raise ConfigError(problems)
@@ -249,7 +247,7 @@ def plan(run: Run, args: argparse.Namespace) -> Plan:
     if sanitized not in names:
         raise ConfigError(f"--sanitized {sanitized}: not among the strategies run ({', '.join(names)})")
     return Plan(tuple(names), hp, sanitized, run.cfg.seed if args.seed is None else args.seed, args.box_slack,
-                args.refine_steps, args.min_flip_rate, args.force)
+                args.refine_steps, args.min_flip_rate, args.force, args.search_steps)
 
 
 def clean_sets(run: Run, p: Plan, val_fraction: float) -> tuple[Split, Split]:
@@ -300,16 +298,18 @@ def _unlearn(args: argparse.Namespace) -> int:
             skipped[name] = str(exc)
             continue
         label = f"{name} (ORACLE)" if strategy.oracle else name
-        bar = tqdm(total=p.hp.steps, desc=f"unlearn {label}", unit="step", leave=False,
+        bar = tqdm(total=p.hp.steps * args.soup, desc=f"unlearn {label}", unit="step", leave=False,
                    disable=True if args.quiet else None)
 
         def progress(step: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update(1)
 
-        res = finetune(run.model, train, val, transform, budget, generator(p.seed, "unlearning-order"),
-                       generator(p.seed, "unlearning", name), progress, target=run.target,
-                       val_trigger=materials.true_trigger if strategy.oracle else materials.recovered)
+        check = materials.true_trigger if strategy.oracle else materials.recovered
+        members = [finetune(run.model, train, val, transform, budget, generator(p.seed, "unlearning-order", *draw),
+                            generator(p.seed, "unlearning", name, *draw), progress, target=run.target, val_trigger=check)
+                   for draw in [()] + [(k,) for k in range(1, args.soup)]]  # member 0: the single fine-tune's draws
+        res = ensemble(run.model, members, val, check, run.target, args.blend)
         bar.close()
         model = _with_state(run, res.state)
         ev = run.evaluate(model)
@@ -318,7 +318,7 @@ def _unlearn(args: argparse.Namespace) -> int:
             **ev.as_dict(), "oracle": strategy.oracle,
             **({"note": "UPPER BOUND: trained with the ground-truth trigger (breaks the threat model)"}
                if strategy.oracle else {}),
-            "steps": res.steps, "steps_run": res.steps_run, "stopped_early": res.stopped_early,
+            "steps": res.steps, "steps_run": res.steps_run, "stopped_early": res.stopped_early, "blend": res.blend, "members": res.members,
             "val_accuracy": res.val_accuracy, "val_asr": res.val_asr,
             "recovered_trigger_flip_rate": (server_flip_rate(model, found.trigger, train.x, run.target)
                                             if found is not None else None),
@@ -344,7 +344,7 @@ def _unlearn(args: argparse.Namespace) -> int:
                                            "with the strategy's trigger (recovered; true for the oracle) is lowest", "eval_every": args.eval_every,
                         "patience": args.patience, "distill": args.distill, "box_slack": p.box_slack,
                         "target_penalty": args.target_penalty, "penalty_margin": args.penalty_margin,
-                        "refine_steps": p.refine_steps, "layers": args.layers, "seed": p.seed},
+                        "refine_steps": p.refine_steps, "search_steps": p.search_steps, "layers": args.layers, "soup": args.soup, "blend": args.blend, "seed": p.seed},
         "seconds": round(time.perf_counter() - start, 3),
     }
     # Everything is computed; now the writes (each atomic), models first, metrics last.

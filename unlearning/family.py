@@ -23,6 +23,8 @@ Only the server's data enter: the final model, the reconstructions' median and t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -110,12 +112,8 @@ def refine_pattern(model: nn.Module, trigger: Trigger, clean: Tensor, target: in
     start = trigger.pattern.expand(pool.shape[1], *mask.shape).clamp(0.02, 0.98)
     theta = torch.logit(start).clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
-    was_training = model.training
-    model.eval()
     goal = torch.full((len(pool),), target, dtype=torch.long)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         for _ in range(steps):
             pattern = torch.sigmoid(theta)
             logits = model(pool * (1 - mask) + mask * pattern)
@@ -127,11 +125,22 @@ def refine_pattern(model: nn.Module, trigger: Trigger, clean: Tensor, target: in
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    return Trigger(mask, torch.sigmoid(theta).detach() * mask)
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode with no parameter gradients (an input is optimised against it); restored on exit."""
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
         model.train(was_training)
-    return Trigger(mask, torch.sigmoid(theta).detach() * mask)
 
 
 def _iou(a: Box, b: Box) -> float:

@@ -4,7 +4,7 @@ the true trigger. Split from `unlearning.cli` so the command line stays one idea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lab.config import UnlearningConfig
@@ -12,6 +12,7 @@ from lab.data import Split
 from lab.errors import LabError
 from unlearning.family import refine_pattern, trigger_family
 from unlearning.methods import STRATEGIES, Materials, relabel_targets
+from unlearning.search import search_near
 from unlearning.trigger import (
     RecoveredTrigger,
     box_iou,
@@ -29,7 +30,7 @@ class TriggerNotConfirmed(LabError):
     exit_code = 3  # refused, as opposed to bad input (2)
 
 
-def confirm(found: RecoveredTrigger, min_flip_rate: float, target: int) -> None:
+def confirm(found: RecoveredTrigger, min_flip_rate: float, target: int, note: str = "") -> None:
     """Refuse a recovered trigger whose server flip rate is below `min_flip_rate`."""
     rate = found.server_flip_rate
     if rate < min_flip_rate:  # NaN (no non-target clean image) cannot be judged and passes
@@ -37,7 +38,7 @@ def confirm(found: RecoveredTrigger, min_flip_rate: float, target: int) -> None:
         raise TriggerNotConfirmed(
             f"refusing to unlearn: the recovered trigger ({h}x{w} at ({top}, {left})) sends {rate:.1%} of the "
             f"server's clean images to class {target}, below --min-flip-rate {min_flip_rate:.1%}, so it is not the "
-            f"backdoor's trigger and unlearning with it would change nothing; capture more evidence (an "
+            f"backdoor's trigger and unlearning with it would change nothing{note}; capture more evidence (an "
             f"earlier probe round) or pass --force to unlearn anyway")
 
 
@@ -51,6 +52,7 @@ class Plan:
     refine_steps: int = 100
     min_flip_rate: float = 0.05  # below it the recovered trigger is refused (TriggerNotConfirmed)
     force: bool = False  # unlearn with a refused trigger anyway
+    search_steps: int = 200  # a refused box gets a mask search near it (`unlearning.search`); 0 = none
 
 
 def recover(run: Run, recon: Reconstructions, train: Split,
@@ -67,14 +69,30 @@ def recover(run: Run, recon: Reconstructions, train: Split,
         return None, Materials(None, None, _oracle_trigger(run, p), p.hp.mix_ratio), {"found": False, "reason": str(exc)}
     info: dict[str, Any] = {"found": True, **found.summary(),
                             "sources": [f"{recon.origin[i][0]}[{recon.origin[i][1]}]" for i in found.used]}
+    searched = None
+    if needs and found.server_flip_rate < p.min_flip_rate and p.search_steps > 0:
+        searched = search_near(run.model, found.box, train.x, run.target, steps=p.search_steps)
+        info["searched"] = {"rule": "mask and pattern fitted in a window 2 px around the refused box on the server's "
+                                    "clean images (Neural Cleanse-style); used when it passes the flip-rate check and "
+                                    "flips more than 3x the same search in the window's mirror images",
+                            **searched.summary()}
+    rescued = searched is not None and searched.anomalous and searched.flip_rate >= p.min_flip_rate
+    if searched is not None and rescued:  # from here on the searched mask IS the recovered trigger
+        info["consensus"] = {"box": info["box"], "server_flip_rate": info["server_flip_rate"]}
+        found = replace(found, trigger=searched.trigger, server_flip_rate=searched.flip_rate)
+        info.update({k: v for k, v in found.summary().items()
+                     if k in ("box", "mask_pixels", "pattern_mean", "pattern", "server_flip_rate")})
+    trigger, box = found.trigger, found.box
     if needs:
         info["confirmation"] = {"rule": "the recovered trigger sends at least min_flip_rate of the server's clean "
                                         "non-target images to the target", "min_flip_rate": p.min_flip_rate,
-                                "forced": p.force}
+                                "forced": p.force, "passed_by": "search" if rescued else "consensus"}
         if not p.force:
-            confirm(found, p.min_flip_rate, run.target)
+            confirm(found, p.min_flip_rate, run.target, "" if searched is None else
+                    f"; a mask search near it flipped {searched.flip_rate:.1%} (its mirror-image controls: "
+                    f"{', '.join(f'{f:.1%}' for f in searched.control_flip_rates)})")
     firing = list(found.stats["firing_reconstructions"])
-    labels = relabel_targets(run.model, recon.images[firing], found.trigger, train.x.mean(0), run.target,
+    labels = relabel_targets(run.model, recon.images[firing], trigger, train.x.mean(0), run.target,
                              recon.labels[firing])
     keep = labels >= 0
     info["relabel"] = {
@@ -83,9 +101,9 @@ def recover(run: Run, recon: Reconstructions, train: Split,
         "labels": labels.tolist(), "sources": [f"{recon.origin[i][0]}[{recon.origin[i][1]}]" for i in firing],
     }
     relabelled = Split(recon.images[firing][keep], labels[keep])
-    stamp = found.trigger
+    stamp = trigger
     if p.refine_steps > 0:
-        stamp = refine_pattern(run.model, found.trigger, train.x, run.target, steps=p.refine_steps)
+        stamp = refine_pattern(run.model, trigger, train.x, run.target, steps=p.refine_steps)
         info["refined"] = {"rule": f"pattern inside the recovered mask re-fitted on the server's clean images "
                                    f"to send them to the target ({p.refine_steps} Adam steps)",
                            "pattern_mean": [round(float(v), 4) for v in stamp.pattern[:, stamp.mask.bool()].mean(1)],
@@ -94,7 +112,7 @@ def recover(run: Run, recon: Reconstructions, train: Split,
     if p.box_slack > 0 and found.median is not None:
         # The boxes are filled with the reconstructions' median, the refined values inside the recovered box.
         fill = found.median * (1 - stamp.mask) + stamp.pattern * stamp.mask
-        fam = trigger_family(run.model, fill, found.box, train.x, run.target, slack=p.box_slack)
+        fam = trigger_family(run.model, fill, box, train.x, run.target, slack=p.box_slack)
         family = fam.members
         info["family"] = {"rule": f"boxes within {p.box_slack} px of the recovered box whose server flip rate is "
                                   "within 0.05 of the best, filled with the reconstructions' median (the refined pattern inside the "

@@ -31,3 +31,10 @@ def test_a_trigger_at_or_above_the_threshold_passes(rate: float) -> None:
 
 def test_threshold_zero_never_refuses() -> None:
     confirm(recovered(0.0), 0.0, target=0)
+
+
+def test_the_refusal_reports_what_the_mask_search_found() -> None:
+    with pytest.raises(TriggerNotConfirmed) as err:
+        confirm(recovered(0.001), 0.05, 0, "; a mask search near it flipped 2.0% (its mirror-image controls: 1.5%)")
+    msg = str(err.value)
+    assert "\n" not in msg and "mask search near it flipped 2.0%" in msg and "--force" in msg

@@ -130,3 +130,10 @@ def test_bad_validation_fraction_is_a_config_error(fraction: str) -> None:
     args = unlearn_parser().parse_args(["run", "--val-fraction", fraction])
     with pytest.raises(ConfigError, match="--val-fraction must be in"):
         plan(_run(10), args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("blend", ["0", "-0.5", "1.5"])
+def test_bad_blend_is_a_config_error(blend: str) -> None:
+    args = unlearn_parser().parse_args(["run", "--blend", blend])
+    with pytest.raises(ConfigError, match="--blend must be in"):
+        plan(_run(10), args)  # type: ignore[arg-type]
