@@ -11,10 +11,12 @@ ground truth:
 - a weight-space ensemble with the original (WiSE-FT, Wortsman et al., CVPR 2022): keep
   `alpha` of the change; the last part of a fine-tune's change bought no ASR and cost accuracy.
 
-Either can bring part of the backdoor back, so both answer to the server's own check: the ASR of
-the RECOVERED trigger (the true one only for the oracle) on the validation images. The ensemble is
-kept only when that is no higher than the first fine-tune's alone; else the plain soup; else the
-first fine-tune, which is what the lab returned before (and what `k` = 1, `alpha` = 1 return).
+Either can bring part of the backdoor back, so the ensemble answers to the server's own check: the
+ASR of the RECOVERED trigger (the true one only for the oracle) on the validation images. It is kept
+only when that is no higher than the first fine-tune's alone; else the first fine-tune, which is
+what the lab returned before (and what `k` = 1, `alpha` = 1 return). Falling back to the plain soup
+instead was measured worse where the blend was refused: Fashion-MNIST's seed 0 lost 1.04 points with
+the soup against 0.88 with one fine-tune, and failed the demo's 1-point check (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -46,20 +48,20 @@ def average_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 def ensemble(model: nn.Module, members: list[FinetuneResult], val: Split, trigger: Trigger | None,
              target: int | None, alpha: float) -> FinetuneResult:
-    """The first of: blend(mean of `members`, alpha), the mean, members[0], whose ASR with `trigger`
-    on `val` is no higher than members[0]'s. `model` is the original (never changed)."""
+    """blend(mean of `members`, alpha) when its ASR with `trigger` on `val` is no higher than
+    members[0]'s, else members[0]. `model` is the original (never changed)."""
     first = members[0]
-    probe = copy.deepcopy(model)
-    original = snapshot(model)
+    seconds = sum(m.seconds for m in members)
+    if alpha >= 1 and len(members) == 1:
+        return first
     mean = average_states([m.state for m in members]) if len(members) > 1 else first.state
-    candidates = [(blend_states(original, mean, alpha), alpha, len(members))] if alpha < 1 else []
-    candidates += [(mean, 1.0, len(members))] if len(members) > 1 else []
-    for state, share, count in candidates:
-        probe.load_state_dict(state)
-        rate = stamped_val_asr(probe, val, trigger, target)
-        if rate is None or first.val_asr is None or rate <= first.val_asr:
-            return replace(first, state=state, val_accuracy=accuracy(probe, val), val_asr=rate, blend=share,
-                           members=count, seconds=sum(m.seconds for m in members))
-        log.info("ensemble of %d at %.2f: the trigger fires on %.4f of the validation images (%.4f for one "
-                 "fine-tune); trying the next", count, share, rate, first.val_asr)
-    return replace(first, seconds=sum(m.seconds for m in members))
+    state = blend_states(snapshot(model), mean, alpha) if alpha < 1 else mean
+    probe = copy.deepcopy(model)
+    probe.load_state_dict(state)
+    rate = stamped_val_asr(probe, val, trigger, target)
+    if rate is None or first.val_asr is None or rate <= first.val_asr:
+        return replace(first, state=state, val_accuracy=accuracy(probe, val), val_asr=rate, blend=alpha,
+                       members=len(members), seconds=seconds)
+    log.info("ensemble of %d at %.2f: the trigger fires on %.4f of the validation images (%.4f after one "
+             "fine-tune); keeping the one fine-tune", len(members), alpha, rate, first.val_asr)
+    return replace(first, seconds=seconds)

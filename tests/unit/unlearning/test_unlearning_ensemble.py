@@ -53,12 +53,8 @@ def test_the_soup_blend_is_kept_when_the_trigger_stays_removed(cured) -> None:  
 
 def test_a_blend_that_lets_the_trigger_fire_again_falls_back(cured) -> None:  # type: ignore[no-untyped-def]
     """5% of the change leaves the backdoor in place: the server's check must refuse that blend and
-    return the plain soup (or the first fine-tune), never a model the trigger fires on more."""
+    return the first fine-tune as it is, never a model the trigger fires on more."""
     data, trig, model, members = cured
     out = ensemble(model, members, data.server, trig, 0, 0.05)
-    assert out.blend == 1.0
-    assert out.val_asr is not None and members[0].val_asr is not None and out.val_asr <= members[0].val_asr
-    mean = average_states([m.state for m in members])
-    same_as = [all(torch.allclose(out.state[k].float(), ref[k].float()) for k in ref)
-               for ref in (mean, members[0].state)]
-    assert any(same_as)
+    assert out.blend == 1.0 and out.members == 1 and out.val_asr == members[0].val_asr
+    assert all(torch.equal(out.state[k], v) for k, v in members[0].state.items())
