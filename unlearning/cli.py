@@ -236,10 +236,11 @@ def plan(run: Run, args: argparse.Namespace) -> Plan:
         (0 <= args.distill <= 1, "--distill must be in [0, 1]"),
         (0 <= args.box_slack <= 3, "--box-slack must be in 0..3"),
         (args.refine_steps >= 0, "--refine-steps must be >= 0"),
-        (0 <= args.min_flip_rate <= 1, "--min-flip-rate must be in [0, 1]"), (args.search_steps >= 0, "--search-steps must be >= 0"),
+        (0 <= args.min_flip_rate <= 1, "--min-flip-rate must be in [0, 1]"),
+        (args.search_steps >= 0, "--search-steps must be >= 0"),
         (args.target_penalty >= 0, "--target-penalty must be >= 0"),
-        (args.penalty_margin >= 0, "--penalty-margin must be >= 0"), (0 < args.blend <= 1, "--blend must be in (0, 1]"),
-        (args.soup >= 1, "--soup must be >= 1"),
+        (args.penalty_margin >= 0, "--penalty-margin must be >= 0"),
+        (0 < args.blend <= 1, "--blend must be in (0, 1]"), (args.soup >= 1, "--soup must be >= 1"),
     ) if not ok]
     if problems:
         raise ConfigError(problems)
@@ -318,7 +319,8 @@ def _unlearn(args: argparse.Namespace) -> int:
             **ev.as_dict(), "oracle": strategy.oracle,
             **({"note": "UPPER BOUND: trained with the ground-truth trigger (breaks the threat model)"}
                if strategy.oracle else {}),
-            "steps": res.steps, "steps_run": res.steps_run, "stopped_early": res.stopped_early, "blend": res.blend, "members": res.members,
+            "steps": res.steps, "steps_run": res.steps_run, "stopped_early": res.stopped_early,
+            "blend": res.blend, "members": res.members,
             "val_accuracy": res.val_accuracy, "val_asr": res.val_asr,
             "recovered_trigger_flip_rate": (server_flip_rate(model, found.trigger, train.x, run.target)
                                             if found is not None else None),
@@ -344,7 +346,8 @@ def _unlearn(args: argparse.Namespace) -> int:
                                            "with the strategy's trigger (recovered; true for the oracle) is lowest", "eval_every": args.eval_every,
                         "patience": args.patience, "distill": args.distill, "box_slack": p.box_slack,
                         "target_penalty": args.target_penalty, "penalty_margin": args.penalty_margin,
-                        "refine_steps": p.refine_steps, "search_steps": p.search_steps, "layers": args.layers, "soup": args.soup, "blend": args.blend, "seed": p.seed},
+                        "refine_steps": p.refine_steps, "search_steps": p.search_steps, "layers": args.layers,
+                        "soup": args.soup, "blend": args.blend, "seed": p.seed},
         "seconds": round(time.perf_counter() - start, 3),
     }
     # Everything is computed; now the writes (each atomic), models first, metrics last.

@@ -3,8 +3,8 @@
 Why: on the 40-round digits default the unlearning fine-tune's accuracy cost is mostly its own
 randomness (which clean images are drawn and stamped): on held-out seed 10, the same recovered
 trigger, four fine-tune seeds cost -1.39 / +0.56 / -1.11 / -0.56 test points and the mean of their
-weights 0.00 (bench/RESULTS.md, issue 16); the acceptance budget is 1 point. Two remedies from the fine-tuning literature, both free of
-ground truth:
+weights 0.00 (bench/RESULTS.md, issue 16); the acceptance budget is 1 point. Two remedies from
+the fine-tuning literature, both free of ground truth:
 
 - a uniform soup (Wortsman et al., "Model soups", ICML 2022): average the weights of `k`
   fine-tunes that start from the same model and differ only in their draws;

@@ -82,7 +82,6 @@ def recover(run: Run, recon: Reconstructions, train: Split,
         found = replace(found, trigger=searched.trigger, server_flip_rate=searched.flip_rate)
         info.update({k: v for k, v in found.summary().items()
                      if k in ("box", "mask_pixels", "pattern_mean", "pattern", "server_flip_rate")})
-    trigger, box = found.trigger, found.box
     if needs:
         info["confirmation"] = {"rule": "the recovered trigger sends at least min_flip_rate of the server's clean "
                                         "non-target images to the target", "min_flip_rate": p.min_flip_rate,
@@ -92,7 +91,7 @@ def recover(run: Run, recon: Reconstructions, train: Split,
                     f"; a mask search near it flipped {searched.flip_rate:.1%} (its mirror-image controls: "
                     f"{', '.join(f'{f:.1%}' for f in searched.control_flip_rates)})")
     firing = list(found.stats["firing_reconstructions"])
-    labels = relabel_targets(run.model, recon.images[firing], trigger, train.x.mean(0), run.target,
+    labels = relabel_targets(run.model, recon.images[firing], found.trigger, train.x.mean(0), run.target,
                              recon.labels[firing])
     keep = labels >= 0
     info["relabel"] = {
@@ -101,9 +100,9 @@ def recover(run: Run, recon: Reconstructions, train: Split,
         "labels": labels.tolist(), "sources": [f"{recon.origin[i][0]}[{recon.origin[i][1]}]" for i in firing],
     }
     relabelled = Split(recon.images[firing][keep], labels[keep])
-    stamp = trigger
+    stamp = found.trigger
     if p.refine_steps > 0:
-        stamp = refine_pattern(run.model, trigger, train.x, run.target, steps=p.refine_steps)
+        stamp = refine_pattern(run.model, found.trigger, train.x, run.target, steps=p.refine_steps)
         info["refined"] = {"rule": f"pattern inside the recovered mask re-fitted on the server's clean images "
                                    f"to send them to the target ({p.refine_steps} Adam steps)",
                            "pattern_mean": [round(float(v), 4) for v in stamp.pattern[:, stamp.mask.bool()].mean(1)],
@@ -112,7 +111,7 @@ def recover(run: Run, recon: Reconstructions, train: Split,
     if p.box_slack > 0 and found.median is not None:
         # The boxes are filled with the reconstructions' median, the refined values inside the recovered box.
         fill = found.median * (1 - stamp.mask) + stamp.pattern * stamp.mask
-        fam = trigger_family(run.model, fill, box, train.x, run.target, slack=p.box_slack)
+        fam = trigger_family(run.model, fill, found.box, train.x, run.target, slack=p.box_slack)
         family = fam.members
         info["family"] = {"rule": f"boxes within {p.box_slack} px of the recovered box whose server flip rate is "
                                   "within 0.05 of the best, filled with the reconstructions' median (the refined pattern inside the "

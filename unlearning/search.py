@@ -59,7 +59,8 @@ def window_around(box: Box, grow: int, height: int, width: int) -> Box:
 def mirrors(window: Box, height: int, width: int) -> list[Box]:
     """The window reflected left-right, up-down and both (duplicates of itself left out)."""
     top, left, h, w = window
-    flipped = {(top, width - left - w, h, w), (height - top - h, left, h, w), (height - top - h, width - left - w, h, w)}
+    right, low = width - left - w, height - top - h  # the window's left / top edge once reflected
+    flipped = {(top, right, h, w), (low, left, h, w), (low, right, h, w)}
     return sorted(flipped - {window})
 
 

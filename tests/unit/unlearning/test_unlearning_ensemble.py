@@ -29,7 +29,8 @@ def test_blend_and_average_by_hand() -> None:
     out = blend_states(original, tuned, 0.7)
     assert out["w"].tolist() == pytest.approx([7.0, 2.0]) and int(out["n"]) == 5  # counters are not blended
     assert original["w"].tolist() == [0.0, 2.0]  # inputs untouched
-    mean = average_states([{"w": torch.tensor([1.0]), "n": torch.tensor(1)}, {"w": torch.tensor([3.0]), "n": torch.tensor(9)}])
+    mean = average_states([{"w": torch.tensor([1.0]), "n": torch.tensor(1)},
+                           {"w": torch.tensor([3.0]), "n": torch.tensor(9)}])
     assert mean["w"].tolist() == [2.0] and int(mean["n"]) == 1
 
 
