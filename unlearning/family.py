@@ -69,6 +69,12 @@ def boxed_trigger(box: Box, image: Tensor) -> Trigger:
     return Trigger(mask, image * mask)
 
 
+def non_target(model: nn.Module, clean: Tensor, target: int) -> Tensor:
+    """The clean images the model does not already call `target` (all of them when it calls every one so)."""
+    keep = predict(model, clean).argmax(1) != target
+    return clean[keep] if bool(keep.any()) else clean
+
+
 def flip_rates(model: nn.Module, triggers: list[Trigger], clean: Tensor, target: int) -> Tensor:
     """(len(triggers),) share of `clean` (images not predicted as `target`) each trigger flips to it."""
     n = len(clean)
@@ -88,8 +94,7 @@ def trigger_family(model: nn.Module, image: Tensor, box: Box, clean: Tensor, tar
 
     Ties in flip rate go to the box closest to the consensus (highest IoU), then the smaller one.
     """
-    base = predict(model, clean).argmax(1) != target
-    pool = clean[base] if bool(base.any()) else clean
+    pool = non_target(model, clean, target)
     _, height, width = image.shape
     boxes = near_boxes(box, slack, height, width)
     triggers = [boxed_trigger(b, image) for b in boxes]
@@ -106,8 +111,7 @@ def refine_pattern(model: nn.Module, trigger: Trigger, clean: Tensor, target: in
                    steps: int = 100, lr: float = 0.1) -> Trigger:
     """`trigger` with its pattern inside the mask re-fitted (Adam on a sigmoid parametrisation) to
     send the server's non-target clean images to `target`; the mask is kept."""
-    base = predict(model, clean).argmax(1) != target
-    pool = clean[base] if bool(base.any()) else clean
+    pool = non_target(model, clean, target)
     mask = trigger.mask
     start = trigger.pattern.expand(pool.shape[1], *mask.shape).clamp(0.02, 0.98)
     theta = torch.logit(start).clone().requires_grad_(True)

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lab.metrics import predict
 from lab.triggers import Trigger
-from unlearning.family import frozen
+from unlearning.family import flip_rates, frozen, non_target
 from unlearning.trigger import target_margin
 
 Box = tuple[int, int, int, int]  # (top, left, height, width)
@@ -33,11 +32,15 @@ Box = tuple[int, int, int, int]  # (top, left, height, width)
 @dataclass(frozen=True)
 class Searched:
     trigger: Trigger  # hard (0/1) mask inside the window, the optimised pattern there
-    box: Box | None  # the mask's bounding box (None: the search kept no pixel)
     window: Box
     flip_rate: float  # of the server's non-target clean images, with the hard mask
     control_flip_rates: tuple[float, ...]  # the same search in the mirrored windows
     ratio: float  # flip_rate must be at least this many times the best control to count
+
+    @property
+    def box(self) -> Box | None:
+        """The mask's bounding box (None: the search kept no pixel)."""
+        return self.trigger.box if bool(self.trigger.mask.any()) else None
 
     @property
     def anomalous(self) -> bool:
@@ -88,9 +91,8 @@ def fit_mask(model: nn.Module, pool: Tensor, target: int, window: Box, *, steps:
 
 
 def _flip(model: nn.Module, trigger: Trigger, pool: Tensor, target: int) -> float:
-    if not bool(trigger.mask.any()):
-        return 0.0
-    return float((predict(model, trigger.stamp(pool)).argmax(1) == target).float().mean())
+    """`flip_rates` of one trigger; an empty mask flips nothing."""
+    return float(flip_rates(model, [trigger], pool, target)[0]) if bool(trigger.mask.any()) else 0.0
 
 
 def search_near(model: nn.Module, box: Box, clean: Tensor, target: int, *, grow: int = 2, steps: int = 200,
@@ -99,12 +101,10 @@ def search_near(model: nn.Module, box: Box, clean: Tensor, target: int, *, grow:
 
     clean: (M, C, H, W) the server's clean images; those the model already calls `target` are left out.
     """
-    base = predict(model, clean).argmax(1) != target
-    pool = clean[base] if bool(base.any()) else clean
+    pool = non_target(model, clean, target)
     height, width = clean.shape[-2:]
     window = window_around(box, grow, height, width)
     found = fit_mask(model, pool, target, window, steps=steps)
     controls = tuple(_flip(model, fit_mask(model, pool, target, w, steps=steps), pool, target)
                      for w in mirrors(window, height, width))
-    box_found = found.box if bool(found.mask.any()) else None
-    return Searched(found, box_found, window, _flip(model, found, pool, target), controls, ratio)
+    return Searched(found, window, _flip(model, found, pool, target), controls, ratio)

@@ -182,4 +182,3 @@ def test_target_penalty_clears_stamped_images_sooner(tiny) -> None:  # type: ign
         with torch.no_grad():
             firing.append(float((target_margin(after.eval()(stamped), 0) > 0).float().mean()))
     assert firing[0] > 0.5 and firing[1] == 0.0
-
