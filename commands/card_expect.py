@@ -92,6 +92,11 @@ def read_metric(metric: str, run_dir: Path, at_round: int | None) -> float | Non
     row = next((r for r in reversed(rows) if r.get("round") == at_round), None)  # a resume may repeat a round
     if row is None or row.get("accuracy") is None:
         raise ValueError(f"{run_dir}: round {at_round} was not evaluated")
+    return read_reading(metric, row)
+
+
+def read_reading(metric: str, row: Mapping[str, Any]) -> float | None:
+    """The metric of one evaluated round of metrics.jsonl."""
     return _reading(metric, row["accuracy"], row.get("asr"))
 
 

@@ -15,7 +15,8 @@
       - {id: "median:backdoor@attackers=3", rule: median, attack: backdoor,
          overrides: [attack.attackers_ratio=0.3], source: lab}     # no expect: lab-only
       - {id: "rfout-1d:z=2", rule: rfout-1d, attack: none, params: {threshold: 2.0}, source: lab}
-      - {id: "fedavg:backdoor@round=21", rule: fedavg, attack: backdoor, at_round: 21, source: lab}
+      - {id: "fedavg:backdoor@round=21", rule: fedavg, attack: backdoor, at_round: 21, source: lab,
+         notes: "what the lab measured about it (an off cell's explanation: the run that isolates it)"}
       - {id: "iqr:stealthy", rule: iqr-filter, attack: backdoor, source: "...",
          expect: {relative_to: "fedavg:backdoor", max_delta: 0.1}}
     proxy:                              # `--quick`: the CPU proxy
@@ -76,6 +77,7 @@ class Cell:
     paper: Mapping[str, Any]  # the published expectation (None: lab-only) and the cell's source
     paper_rounds: int  # the rounds of the card's own setting for this cell (no proxy, no subset)
     cfgs: tuple[ExperimentConfig, ...]  # one per seed
+    notes: str | None = None  # what the lab measured about this cell (an off cell's explanation)
 
 
 @dataclass(frozen=True)
@@ -146,13 +148,20 @@ class _Mode:
     subset_overrides: tuple[str, ...]
 
 
-def _proxy_cell(pc: Any, problems: list[str]) -> tuple[Any, Any, list[str], Any]:
-    """A proxy cell's (expect, source, overrides, at_round); expect None when not measured."""
+def _notes(raw: Any, where: str, problems: list[str]) -> str | None:
+    if raw is None or isinstance(raw, str):
+        return raw
+    problems.append(f"{where}notes: expected text, got {type(raw).__name__}")
+    return None
+
+
+def _proxy_cell(pc: Any, problems: list[str]) -> tuple[Any, Any, list[str], Any, str | None]:
+    """A proxy cell's (expect, source, overrides, at_round, notes); expect None when not measured."""
     if pc is None:
-        return None, None, [], None
+        return None, None, [], None, None
     if not isinstance(pc, Mapping):
         problems.append("proxy.cells: expected a mapping {expect, source, measured, overrides, at_round}")
-        return None, None, [], None
+        return None, None, [], None, None
     problems += [f"proxy.cells.{k}: unknown key; known: {', '.join(sorted(PROXY_CELL_KEYS))}" for k in pc
                  if k not in PROXY_CELL_KEYS]
     expect, source = None, None
@@ -165,7 +174,8 @@ def _proxy_cell(pc: Any, problems: list[str]) -> tuple[Any, Any, list[str], Any]
             expect, source = pc["expect"], pc.get("source")
     if bad := _round_problem(pc.get("at_round")):
         problems.append(f"proxy.cells: {bad}")
-    return expect, source, _str_list(pc.get("overrides"), "proxy.cells overrides", problems), pc.get("at_round")
+    return (expect, source, _str_list(pc.get("overrides"), "proxy.cells overrides", problems), pc.get("at_round"),
+            _notes(pc.get("notes"), "proxy.cells ", problems))
 
 
 def _resolve(data: dict[str, Any], overrides: Sequence[str], seeds: Sequence[int], at_round: int | None,
@@ -315,9 +325,10 @@ def load_card(path: Path, *, quick: bool = False, seeds: Sequence[int] | None = 
             own.append(bad)
         paper = {"expect": None if expect is None else dict(expect), "source": source}
         checked_expect, checked_source, mode_at_round = expect, source, at_round
+        notes = _notes(c.get("notes"), "", own)
         proxy_overrides: list[str] = []
-        if mode.quick:
-            checked_expect, checked_source, proxy_overrides, proxy_round = _proxy_cell(
+        if mode.quick:  # the paper setting's notes say nothing about the proxy's runs
+            checked_expect, checked_source, proxy_overrides, proxy_round, notes = _proxy_cell(
                 mode.proxy_cells.get(cid), own)
             mode_at_round = at_round if proxy_round is None else proxy_round
         for e in [expect] if checked_expect is expect else [expect, checked_expect]:
@@ -341,7 +352,7 @@ def load_card(path: Path, *, quick: bool = False, seeds: Sequence[int] | None = 
             problems += [f"{where} {p}" for p in bad_cfg]
             continue
         cells.append(Cell(cid, str(rule), str(attack), str(metric), tuple(extra), dict(params), mode_at_round,
-                          checked_expect, checked_source, paper, paper_cfgs[0].training.rounds, tuple(cfgs)))
+                          checked_expect, checked_source, paper, paper_cfgs[0].training.rounds, tuple(cfgs), notes))
     for where, cid, metric, other in relative:
         if other == cid:
             problems.append(f"{where} expect.relative_to: a cell cannot be compared with itself")

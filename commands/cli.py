@@ -145,6 +145,10 @@ def _run_dir_refusal(run_dir: Path, cfg: ExperimentConfig) -> str | None:
     return None
 
 
+def _no_runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    raise AssertionError(f"--score started a run ({run_dir})")
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """`fl-lab reproduce CARD`: a paper's table as real Flower runs (commands/cards.py, reproduce.py)."""
     from commands.cards import load_card
@@ -163,6 +167,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.check:
         say(f"ok: {args.card}: {card.name} ({kind}), {len(card.cells)} cells, {len(runs)} runs "
             f"({len(card.seeds)} seeds) -> {out.resolve()}")
+        return 0
+    if args.score:
+        reproduce(card, out, _no_runner, score_only=True)
+        say((out / "reproduction.md").read_text())
+        say(f"scored ({kind}, nothing run): {out / 'reproduction.json'}, {out / 'reproduction.md'}")
         return 0
     load_dataset(runs[0][1])
 
@@ -316,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the card's CPU proxy (its `proxy` overrides, its own measured expectations)")
     rep.add_argument("--check", action="store_true",
                      help="check the card and every cell's experiment, start nothing: exit 0 or 2 with every problem")
+    rep.add_argument("--score", action="store_true",
+                     help="start nothing: score the finished runs as the card stands (a card run in parts); "
+                          "cells without a finished run read not-run, with how far their runs got")
     rep.add_argument("--subset", metavar="NAME",
                      help="a labelled part of the card's paper setting (its `subsets:`, e.g. rounds-300)")
     rep.add_argument("--verbose", action="store_true", help="a line per round of every run")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from commands.card_expect import expect_text, read_metric, verdict
+from commands.card_expect import expect_text, read_metric, read_reading, verdict
 from commands.cards import Card, Cell
 from commands.local_run import run_all
 from commands.sweep import run_identity, same_run
@@ -47,11 +47,18 @@ def planned_runs(card: Card, out: Path) -> list[tuple[Path, ExperimentConfig]]:
 
 
 def reproduce(card: Card, out: Path, runner: Runner,
-              on_start: Callable[[int, int, Path, bool], None] | None = None, jobs: int = 1) -> dict[str, Any]:
+              on_start: Callable[[int, int, Path, bool], None] | None = None, jobs: int = 1,
+              score_only: bool = False) -> dict[str, Any]:
     """Run (or reuse) every run of the card (`jobs` at a time: see `commands.sweep.run_all`), then
-    write and return reproduction.json's content."""
+    write and return reproduction.json's content.
+
+    `score_only` starts nothing: a card too long for one sitting is run in parts (`--cells`, on
+    several machines or days) and scored as it stands; a cell without a finished run reads `not-run`,
+    with how far its run got."""
     runs = planned_runs(card, out)
     folder = {run_identity(cfg): run_dir for run_dir, cfg in runs}
+    finished = {run_identity(cfg): (run_dir / "summary.json").exists() and same_run(run_dir, cfg)
+                for run_dir, cfg in runs}
 
     def one(i: int, run_dir: Path, cfg: ExperimentConfig, reuse: bool) -> None:
         if on_start is not None:
@@ -59,12 +66,15 @@ def reproduce(card: Card, out: Path, runner: Runner,
         if not reuse:
             runner(cfg, run_dir)
 
-    run_all([functools.partial(one, i, run_dir, cfg, (run_dir / "summary.json").exists() and same_run(run_dir, cfg))
-             for i, (run_dir, cfg) in enumerate(runs)], jobs)
+    if not score_only:
+        run_all([functools.partial(one, i, run_dir, cfg, finished[run_identity(cfg)])
+                 for i, (run_dir, cfg) in enumerate(runs)], jobs)
+        finished = dict.fromkeys(finished, True)
     means: dict[str, float | None] = {}
     cells = []
     for cell in card.cells:
-        values = [round(v, 6) for cfg in cell.cfgs
+        done = [cfg for cfg in cell.cfgs if finished[run_identity(cfg)]]
+        values = [round(v, 6) for cfg in done
                   if (v := read_metric(cell.metric, folder[run_identity(cfg)], cell.at_round)) is not None]
         rounds = cell.cfgs[0].training.rounds
         means[cell.id] = statistics.mean(values) if values else None
@@ -77,27 +87,62 @@ def reproduce(card: Card, out: Path, runner: Runner,
                      "values": values},
             "rounds": rounds, "paper_rounds": cell.paper_rounds, "reduced": rounds < cell.paper_rounds,
             "runs": [str(folder[run_identity(cfg)]) for cfg in cell.cfgs],
+            "ran": len(done) == len(cell.cfgs),
+            "progress": [run_progress(folder[run_identity(cfg)], cell.metric) for cfg in cell.cfgs
+                         if not finished[run_identity(cfg)]],
+            "notes": cell.notes,
         })
+    ran = {c["id"]: c["ran"] for c in cells}
     for c in cells:  # relative expectations need the other cell's mean
         other = (c["expect"] or {}).get("relative_to")
         if other is not None:
             c["against"] = {"id": other, "mean": means.get(other)}
-        c["verdict"] = verdict(c["expect"], c["ours"]["mean"], means.get(other) if other else None)
+        c["verdict"] = (verdict(c["expect"], c["ours"]["mean"], means.get(other) if other else None)
+                        if c["ran"] and ran.get(other, True) else "not-run")
     result = {"card": card.name, "paper": card.paper, "path": str(card.path), "proxy": card.proxy,
-              "subset": card.subset, "subset_label": card.subset_label, "seeds": list(card.seeds), "cells": cells}
+              "subset": card.subset, "subset_label": card.subset_label, "seeds": list(card.seeds),
+              "scored_only": score_only, "cells": cells}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "reproduction.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "reproduction.md", reproduction_markdown(result))
     return result
 
 
+def run_progress(run_dir: Path, metric: str) -> dict[str, Any]:
+    """How far an unfinished run got: its last round and its last central evaluation's reading
+    (None: never started, or nothing evaluated yet). Only shown, never judged."""
+    rows = []
+    if (run_dir / "metrics.jsonl").exists():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # the line a killed run was writing
+                continue
+    evaluated = [r for r in rows if r.get("accuracy") is not None]
+    last = evaluated[-1] if evaluated else None
+    return {"run": str(run_dir), "round": max((r.get("round", 0) for r in rows), default=None),
+            "evaluated_round": None if last is None else last["round"],
+            "reading": None if last is None else read_reading(metric, last)}
+
+
 def _rounds_text(cell: dict[str, Any]) -> str:
-    """`40`, `round 19 of 40`, `reduced: 300 of 3000 rounds`, or both."""
+    """`40`, `round 19 of 40`, `reduced: 300 of 3000 rounds`, both, or how far an unfinished run got."""
+    if not cell.get("ran", True):
+        return "; ".join(_progress_text(p, cell["rounds"], cell["metric"]) for p in cell["progress"])
     ran = str(cell["rounds"]) if cell.get("at_round") is None else f"round {cell['at_round']} of {cell['rounds']}"
     if not cell.get("reduced"):
         return ran
     reduced = f"reduced: {cell['rounds']} of {cell['paper_rounds']} rounds"
     return reduced if cell.get("at_round") is None else f"{ran} ({reduced})"
+
+
+def _progress_text(progress: dict[str, Any], rounds: int, metric: str) -> str:
+    if not progress["round"]:
+        return "not started"
+    text = f"stopped at round {progress['round']} of {rounds}"
+    if progress["reading"] is not None:
+        text += f" ({metric} {progress['reading']:.3f} at round {progress['evaluated_round']}, not judged)"
+    return text
 
 
 def reproduction_markdown(result: dict[str, Any]) -> str:
@@ -112,7 +157,13 @@ def reproduction_markdown(result: dict[str, Any]) -> str:
     if any(c.get("reduced") for c in result["cells"]):
         lines.append("Cells marked `reduced` ran fewer rounds than the paper's setting: their verdicts hold the "
                      "lab's value at that length against the paper's at the paper's length.")
-    counts = {v: sum(c["verdict"] == v for c in result["cells"]) for v in ("reproduced", "off", "lab-only")}
+    verdicts = ["reproduced", "off", "lab-only"]
+    if result.get("scored_only"):
+        ran = sum(c.get("ran", True) for c in result["cells"])
+        lines.append(f"Scored without running anything (`--score`): {ran} of {len(result['cells'])} cells have "
+                     "every run finished; the others read `not-run`, with how far their runs got.")
+        verdicts.append("not-run")
+    counts = {v: sum(c["verdict"] == v for c in result["cells"]) for v in verdicts}
     lines += ["", ", ".join(f"{n} {v}" for v, n in counts.items()), "",
               "| cell | metric | paper | paper source | expected" + (" (proxy)" if proxy else "")
               + " | source | lab (mean ± sd) | rounds | verdict |", "|" + "---|" * 9]
@@ -126,4 +177,8 @@ def reproduction_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {c['id']} | {c['metric']} | {expect_text(paper.get('expect'))} | "
                      f"{paper.get('source') or '-'} | {expect_text(c['expect'])} | {c['source'] or '-'} | {lab} | "
                      f"{_rounds_text(c)} | {c['verdict']}{' (proxy)' if proxy else ''} |")
+    noted = [c for c in result["cells"] if c.get("notes")]
+    if noted:
+        lines += ["", "## What the lab measured about these cells", ""]
+        lines += [f"- `{c['id']}` ({c['verdict']}): {' '.join(c['notes'].split())}" for c in noted]
     return "\n".join(lines) + "\n"

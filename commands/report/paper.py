@@ -48,7 +48,8 @@ def plot_paper_vs_lab(reproduction: dict[str, Any], path: Path) -> Path:
             ax.errorbar([mean], [y], xerr=[[sd or 0.0], [sd or 0.0]], fmt="o", color=colour, ms=5, capsize=2)
     for verdict, colour in VERDICT_COLOURS.items():
         ax.plot([], [], "o", color=colour, label=f"lab: {verdict}")
-    ax.set_yticks(range(len(cells)), [f"{c['id']} ({c['metric']})" for c in cells], fontsize=6)
+    ax.set_yticks(range(len(cells)), [f"{c['id']} ({c['metric']})" + (", not run" if c.get("verdict") == "not-run"
+                                                                       else "") for c in cells], fontsize=6)
     ax.invert_yaxis()
     kind = "CPU proxy, dots coloured by its own measured bounds" if reproduction.get("proxy") else "paper setting"
     if reproduction.get("subset"):

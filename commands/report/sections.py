@@ -303,7 +303,9 @@ def paper_section(col: Collection, plots: Path) -> list[Block]:
                    "per cell: the range the paper's value allows (blue bar: value +- tolerance, or a bound; a "
                    "relative cell around the other cell's value) and the lab's mean +- sd over seeds (dot, "
                    "coloured by the verdict)")
-    return [figure, table, Para(f"From {md.name} (`fl-lab reproduce`).{note}")]
+    notes = [Para(f"{c['id']} ({c['verdict']}): {' '.join(c['notes'].split())}")
+             for c in reproduction["cells"] if c.get("notes")]
+    return [figure, table, Para(f"From {md.name} (`fl-lab reproduce`).{note}"), *notes]
 
 
 def build(col: Collection, plots: Path) -> list[tuple[str, list[Block]]]:
