@@ -29,6 +29,8 @@ from commands.preflight import (
     check_experiment,
     load_dataset,
     rule_problems,
+    claim_collection_dir,
+    collection_dir_problem,
     run_dir_problem,
 )
 from commands.tools import TOOLS, invert
@@ -88,7 +90,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     path = Path(args.sweep)
     name, settings = load_sweep(path)
     out = Path(args.out) if args.out else Path(settings[0].cfg.execution.output_dir) / "sweeps" / name
-    problems: list[str] = []
+    problems = [p for p in [collection_dir_problem(out)] if p]
     checked = set()
     for s in settings:  # every distinct rule and every run folder is checked before the first run starts
         agg = s.cfg.federated.aggregator
@@ -102,6 +104,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(problems)
     load_dataset(settings[0].cfg)
+    claim_collection_dir(out)
 
     def start(i: int, total: int, setting: Setting) -> None:
         say(f"[{i + 1}/{total}] {setting.slug}")
@@ -160,7 +163,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     default = Path("runs") / "reproduce" / folder
     out = Path(args.out) if args.out else default
     runs = planned_runs(card, out)
-    problems = [p for run_dir, cfg in runs if (p := _run_dir_refusal(run_dir, cfg))]
+    problems = [p for p in [collection_dir_problem(out)] if p]
+    problems += [p for run_dir, cfg in runs if (p := _run_dir_refusal(run_dir, cfg))]
     if problems:
         raise ConfigError(problems)
     kind = "CPU proxy" if card.proxy else f"subset {card.subset}: {card.subset_label}" if card.subset else "paper setting"
@@ -168,6 +172,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         say(f"ok: {args.card}: {card.name} ({kind}), {len(card.cells)} cells, {len(runs)} runs "
             f"({len(card.seeds)} seeds) -> {out.resolve()}")
         return 0
+    claim_collection_dir(out)
     if args.score:
         reproduce(card, out, _no_runner, score_only=True)
         say((out / "reproduction.md").read_text())

@@ -129,3 +129,42 @@ def run_dir_problem(out_dir: Path) -> str | None:
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
         return f"run folder {out_dir}: cannot be used ({getattr(exc, 'strerror', None) or exc})"
     return None
+
+
+# Written into every folder of runs the lab creates (a sweep, a card); only such a folder is reused.
+COLLECTION_MARKER = ".fl-lab-collection"
+# What a sweep, a card or `fl-lab report` writes there: a folder holding nothing else is an older
+# one of the lab's own (made before the marker) and is adopted.
+COLLECTION_ENTRIES = {"runs", "logs", "plots", ".flwr", "results.csv", "results.md", "reproduction.json",
+                      "reproduction.md", "report.md", "report.html", COLLECTION_MARKER}
+
+
+def collection_dir_problem(out_dir: Path) -> str | None:
+    """Why `out_dir` cannot hold a sweep's or a card's runs and tables, or None: it must not exist
+    yet, be empty, be marked as the lab's, or hold only what the lab writes there (results.md and
+    the rest would otherwise overwrite a user's files of the same name: `--out .` in a project)."""
+    try:
+        out_dir = out_dir.resolve()
+        if (out_dir / COLLECTION_MARKER).is_file() or not out_dir.exists():
+            return None
+        if not out_dir.is_dir():
+            return f"output folder {out_dir}: exists and is not a folder"
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in COLLECTION_ENTRIES)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        return f"output folder {out_dir}: cannot be used ({getattr(exc, 'strerror', None) or exc})"
+    if not foreign and (out_dir / "runs").is_dir():
+        return None
+    if not foreign:  # results.md alone may be the user's own
+        foreign = sorted(p.name for p in out_dir.iterdir())
+    if not foreign:
+        return None
+    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    return (f"output folder {out_dir}: holds files the lab did not write ({shown}); results.md, plots/ "
+            f"and the rest would land beside them: choose a new or empty --out (an earlier lab folder: "
+            f"`touch {out_dir / COLLECTION_MARKER}` to adopt it)")
+
+
+def claim_collection_dir(out_dir: Path) -> None:
+    """Mark `out_dir` (checked by `collection_dir_problem`) as the lab's."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / COLLECTION_MARKER).touch()

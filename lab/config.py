@@ -166,11 +166,49 @@ def parse_yaml(text: str, where: str) -> Any:
         ConfigError: not valid YAML (or nested too deep to read).
     """
     try:
-        return yaml.load(text, Loader=_Loader)  # a SafeLoader with one more float form
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader with one more float form
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of more than 4300 digits
         raise ConfigError(f"{where}: not valid YAML ({exc})".replace("\n", " ")) from None
     except RecursionError:
         raise ConfigError(f"{where}: not valid YAML (nested too deeply)") from None
+    _check_expanded_size(data, where)
+    return data
+
+
+MAX_VALUES = 100_000  # an experiment, sweep or card has hundreds
+
+
+def _check_expanded_size(data: Any, where: str) -> None:
+    """Refuse YAML whose anchors and aliases expand past MAX_VALUES values, or refer to themselves.
+
+    PyYAML shares an aliased node instead of copying it, so a 1 kB "billion laughs" file loads
+    at once; every later copy or walk of it (overrides, merges, the dump of config.yaml) would
+    then try to build all 10^9 values. The size is counted on the shared graph, never expanded.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(f"{where}: an alias refers to a node that contains it (a YAML structure without end)")
+        open_nodes.add(key)
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        sizes[key] = 1 + sum(size(child) for child in children)
+        open_nodes.discard(key)
+        return sizes[key]
+
+    try:
+        total = size(data)
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML (nested too deeply)") from None
+    if total > MAX_VALUES:
+        raise ConfigError(f"{where}: its anchors and aliases expand to {total:,} values (at most "
+                          f"{MAX_VALUES:,}): an alias bomb, or a file that is not an experiment")
 
 
 class _Loader(yaml.SafeLoader):

@@ -59,6 +59,19 @@ def test_a_folder_or_deep_nesting_is_a_config_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- values
 
 
+def test_an_alias_bomb_or_a_self_referring_alias_is_refused_before_anything_expands(tmp_path: Path) -> None:
+    levels = ['a: &a [x, x, x, x, x, x, x, x, x, x]']
+    levels += [f"{n}: &{n} [{', '.join(['*' + p] * 10)}]" for p, n in zip("abcdefgh", "bcdefghi")]
+    bomb = file_with(tmp_path, "\n".join(levels) + "\nname: bomb\n")  # 10^9 values from 400 bytes
+    with pytest.raises(ConfigError, match=r"expand to [\d,]+ values \(at most 100,000\): an alias bomb"):
+        load_experiment(bomb)
+    with pytest.raises(ConfigError, match="an alias refers to a node that contains it"):
+        load_experiment(file_with(tmp_path, "a: &a [1, *a]\nname: x\n"))
+    # anchors as people use them still load
+    shared = file_with(tmp_path, "training: {rounds: &r 4, eval_every: *r}\n")
+    assert load_experiment(shared).training.eval_every == 4
+
+
 def test_a_seed_numpy_and_torch_cannot_take_is_refused_at_config_time() -> None:
     for seed in ("99999999999999999999999", "-1", str(2**32)):
         assert any(p.startswith("training.seed:") for p in problems_of(SMOKE, [f"training.seed={seed}"])), seed

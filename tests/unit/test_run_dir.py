@@ -121,3 +121,44 @@ def test_fl_lab_demo_cleans_only_its_own_folders(tmp_path: Path, capsys: pytest.
     assert demo(["--quick", "--out", str(tmp_path)]) == 2
     assert RUN_MARKER in capsys.readouterr().err
     assert files(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------- sweeps and cards
+
+
+def test_a_sweep_or_card_folder_must_be_new_empty_or_the_labs(tmp_path: Path) -> None:
+    from commands.preflight import COLLECTION_MARKER, claim_collection_dir, collection_dir_problem
+
+    assert collection_dir_problem(tmp_path / "new") is None and collection_dir_problem(tmp_path) is None
+    older = tmp_path / "older"  # made by the lab before the marker: only its own entries, runs/ among them
+    (older / "runs" / "a").mkdir(parents=True)
+    (older / "results.md").write_text("| rule |")
+    assert collection_dir_problem(older) is None
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "results.md").write_text("my own results")  # a name the lab writes, but not the lab's folder
+    assert "holds files the lab did not write (results.md)" in (collection_dir_problem(project) or "")
+    for name in ("README.md", "src", "notes.txt", "setup.cfg"):
+        (project / name).write_text("x")
+    problem = collection_dir_problem(project) or ""
+    assert "(README.md, notes.txt, setup.cfg and 1 more)" in problem and "touch" in problem
+    claim_collection_dir(project)  # the user adopts it: from then on it is the lab's
+    assert (project / COLLECTION_MARKER).is_file() and collection_dir_problem(project) is None
+    (tmp_path / "file").write_text("x")
+    assert "exists and is not a folder" in (collection_dir_problem(tmp_path / "file") or "")
+
+
+def test_fl_lab_sweep_and_reproduce_refuse_out_dot_in_a_project_before_anything_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from commands.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "results.md").write_text("the user's own")
+    (tmp_path / "paper.tex").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(root / "experiments/sweeps/defenses.yaml"), "--out", "."]) == 2
+    assert main(["reproduce", str(root / "experiments/papers/poisoning-guide.yaml"), "--quick", "--out", "."]) == 2
+    err = capsys.readouterr().err
+    assert err.count("holds files the lab did not write (paper.tex)") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paper.tex", "results.md"]
+    assert (tmp_path / "results.md").read_text() == "the user's own"
