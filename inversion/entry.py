@@ -37,6 +37,9 @@ from lab.runfolder import ManifestEntry, contained
 from lab.task import build_for, load_state
 from lab.triggers import make_trigger
 
+# A dummy batch larger than this is not an inversion anyone runs (the lab's probes hold 1-64 images).
+MAX_IMAGES = 4096
+
 Progress = Callable[[int, float], None]  # (iterations done, best loss so far)
 
 
@@ -126,6 +129,9 @@ def invert_one(cfg: ExperimentConfig, args: argparse.Namespace, item: ManifestEn
             raise CaptureError(f"{item.id}: --labels known needs the labels, but this entry has no evidence file")
         entry = dataclasses.replace(entry, labels=evidence[1])
     num_images = args.num_images or cfg.inversion.num_images or (entry.num_examples or None)
+    if num_images is not None and num_images > MAX_IMAGES:
+        raise CaptureError(f"{where}: {num_images:,} images to reconstruct at once (the entry's num_examples, "
+                           f"or --num-images); at most {MAX_IMAGES:,}: pass a smaller --num-images")
     recon = invert_entry(entry, tools.model, attack=args.attack or cfg.inversion.attack,
                          preset=args.preset or cfg.inversion.preset, labels=labels, num_images=num_images,
                          progress=progress, iterations=args.iterations or cfg.inversion.iterations,

@@ -39,6 +39,10 @@ from lab.task import LocalHyperparams
 FORMAT = "fl-lab-capture/1"
 EVIDENCE_FORMAT = "fl-lab-evidence/1"
 _SCALARS = ("num_examples", "server_round", "node_id", "partition_id")
+# What an entry may claim. A foreign file may claim anything: 10^12 examples become the size of the
+# dummy batch, 10^9 local steps the length of every unrolled objective. The lab's own are far below.
+MAX_EXAMPLES = 10_000_000
+MAX_LOCAL_STEPS = 10_000
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,10 @@ def read_entry(path: Path) -> CapturedUpdate:
     labels = tensors.get("labels")
     if labels is not None and (labels.ndim != 1 or labels.is_floating_point() or labels.is_complex()):
         raise CaptureError(f"{path}: labels must be (B,) integers, got {labels.dtype} {tuple(labels.shape)}")
-    return CapturedUpdate(
+    if not 0 <= scalars["num_examples"] <= MAX_EXAMPLES or hp.batch_size > MAX_EXAMPLES:
+        raise CaptureError(f"{path}: bad capture metadata (num_examples {scalars['num_examples']} and batch_size "
+                           f"{hp.batch_size} must lie in 0..{MAX_EXAMPLES:,})")
+    entry = CapturedUpdate(
         global_state={k: tensors[f"global/{k}"] for k in keys},
         update={k: tensors[f"update/{k}"] for k in keys},
         hyperparams=hp,
@@ -133,6 +140,10 @@ def read_entry(path: Path) -> CapturedUpdate:
         image_shape=image_shape,
         **scalars,
     )
+    if entry.local_steps > MAX_LOCAL_STEPS:
+        raise CaptureError(f"{path}: bad capture metadata (the client would have taken {entry.local_steps:,} local "
+                           f"steps; an inversion unrolls at most {MAX_LOCAL_STEPS:,})")
+    return entry
 
 
 def evidence_path(captures: Path, server_round: int, partition: int) -> Path:

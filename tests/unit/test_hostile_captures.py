@@ -175,6 +175,35 @@ def test_corrupt_entry_metadata_exits_2(run: Path, capsys: pytest.CaptureFixture
     refused(invert([str(run), *FAST]), capsys, "bad capture metadata")
 
 
+def entry_claiming(run: Path, num_examples: int, hp: LocalHyperparams) -> None:
+    """Rewrite the run's entry with the same tensors and these claims."""
+    from lab.capture import read_entry
+
+    path = run / "captures" / ROW["file"]
+    entry = read_entry(path)
+    write_entry(path, CapturedUpdate(entry.global_state, entry.update, num_examples, 2, 7, 0, hp,
+                                     image_shape=(1, 16, 16)))
+
+
+@pytest.mark.parametrize(("num_examples", "hp", "needle"), [
+    (10**12, LocalHyperparams(1, 1, 1, 0.01, 0.0, 0.0), "num_examples 1000000000000"),
+    (1, LocalHyperparams(1, 1, 10**9, 0.01, 0.0, 0.0), "batch_size 1000000000"),
+    (1, LocalHyperparams(1, 10**9, 1, 0.01, 0.0, 0.0), "1,000,000,000 local steps"),
+    (600_000, LocalHyperparams(100, None, 1, 0.01, 0.0, 0.0), "60,000,000 local steps"),
+])
+def test_an_entry_claiming_an_impossible_client_exits_2_before_anything_is_allocated(
+        run: Path, capsys: pytest.CaptureFixture[str], num_examples: int, hp: LocalHyperparams, needle: str) -> None:
+    entry_claiming(run, num_examples, hp)
+    refused(invert([str(run), *FAST]), capsys, "bad capture metadata", needle)
+
+
+def test_a_plausible_client_too_big_to_invert_at_once_asks_for_num_images(
+        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    entry_claiming(run, 60_000, LocalHyperparams(1, 1, 32, 0.01, 0.0, 0.0))  # a whole Fashion-MNIST client
+    refused(invert([str(run), *FAST]), capsys, "60,000 images to reconstruct at once", "--num-images")
+    assert invert([str(run), *FAST, "--num-images", "1"]) == 0
+
+
 def test_evidence_that_does_not_fit_the_run_exits_2(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_evidence(run / "captures" / ROW["evidence"], torch.rand(1, 3, 5, 5), torch.tensor([99]))
     refused(invert([str(run), *FAST]), capsys, "evidence")
