@@ -18,8 +18,14 @@ defends nothing still reports one (FedAvg's, strategies/mean.py; this was measur
 distance to the mean, now it is the update norm): on Fashion-MNIST (experiments/fmnist-cure.yaml,
 seed 0) it ranked the three attackers last while the history similarity ranked them first (0.70
 against at most 0.57 for the honest clients); a rule whose verdict counts drops the client, and
-(1) sees that. The histories cost one flat update per partition (d floats each). Everything here comes from the
-replies and the rule's decisions; the ground truth never enters.
+(1) sees that. The histories cost one flat update per partition (d floats each) up to `exact_up_to`
+parameters; above it (ResNet-18's 11.2M: 45 MB a client, 4.5 GB for 100) each history is kept as a
+sign sketch of `sketch_dims` floats, in the manner of Charikar, Chen & Farach-Colton's count sketch
+(ICALP 2002): every coordinate added with a fixed random sign into its bucket. Sketching is linear,
+so the sketch of the sum is the sum of the sketches, and a dot product of two sketches estimates
+the true one without bias, with an error of about |a||b| / sqrt(sketch_dims) (0.004 in cosine at
+65,536) when the energy is spread over the buckets. Everything here comes from
+the replies and the rule's decisions; the ground truth never enters.
 """
 
 from __future__ import annotations
@@ -36,16 +42,35 @@ from torch import Tensor
 class SuspectBook:
     """Per-partition evidence accumulated over rounds; `rank` orders a capture round's clients."""
 
-    def __init__(self) -> None:
+    def __init__(self, exact_up_to: int = 1_000_000, sketch_dims: int = 65_536) -> None:
         self.dropped: Counter[int] = Counter()
         self.rule_rank: defaultdict[int, list[float]] = defaultdict(list)
         self.history: dict[int, Tensor] = {}
+        self.exact_up_to, self.sketch_dims = exact_up_to, sketch_dims
+        self._sign: Tensor | None = None  # a fixed random sign per coordinate, once d is known
 
     def observe_updates(self, updates: Mapping[int, Tensor]) -> None:
         """Add one round's flat float updates (partition -> (n_params,)) to the histories."""
         for p, u in updates.items():
-            flat = u.detach().float().flatten()
+            flat = self._kept(u.detach().float().flatten())
             self.history[p] = flat.clone() if p not in self.history else self.history[p] + flat
+
+    def _kept(self, flat: Tensor) -> Tensor:
+        """The update itself, or its count sketch when it has more than `exact_up_to` entries."""
+        if flat.numel() <= self.exact_up_to:
+            return flat
+        d, k = flat.numel(), self.sketch_dims
+        if self._sign is None or self._sign.numel() != d:
+            gen = torch.Generator().manual_seed(0)  # fixed: every client's history in the same sketch
+            self._sign = torch.randint(0, 2, (d,), generator=gen).float() * 2 - 1
+        # Bucket i mod k: each bucket sums every k-th coordinate of the whole model. The random signs
+        # make every cross term vanish in expectation; a random bucket per coordinate (a scatter) cost
+        # 92 ms an 11.2M-entry update against 49 ms for this, measured side by side on 2 loaded cores.
+        signed = flat * self._sign
+        whole = d // k * k
+        out = signed[:whole].view(-1, k).sum(0)
+        out[: d - whole] += signed[whole:]
+        return out
 
     def observe_decisions(self, partitions: Sequence[int], dropped: Sequence[int] | None,
                           suspicion: Any) -> None:

@@ -29,6 +29,20 @@ def test_history_similarity_puts_sybils_sharing_a_direction_first() -> None:
     assert set(book.rank(list(range(6)))[:2]) == {1, 4}
 
 
+def test_a_large_model_keeps_sketched_histories_whose_cosines_match_the_exact_ones() -> None:
+    exact, sketched = SuspectBook(), SuspectBook(exact_up_to=10_000, sketch_dims=4096)
+    for book in (exact, sketched):
+        _rounds(book, 12, {1, 4}, n=8, dim=200_000)
+    assert all(h.numel() == 4096 for h in sketched.history.values())  # 1/50 of the memory
+    assert all(h.numel() == 200_000 for h in exact.history.values())
+    parts = list(range(8))
+    want, got = exact.similarity(parts), sketched.similarity(parts)
+    assert max(abs(want[p] - got[p]) for p in parts) < 0.05  # ~1/sqrt(4096) per cosine
+    assert set(sketched.rank(parts)[:2]) == {1, 4} == set(exact.rank(parts)[:2])
+    a, b = torch.randn(200_000), torch.randn(200_000)  # linear: the sketch of a sum is the sum of sketches
+    assert torch.allclose(sketched._kept(a + b), sketched._kept(a) + sketched._kept(b), atol=1e-3)
+
+
 def test_similarity_is_the_largest_cosine_with_another_client() -> None:
     book = SuspectBook()
     book.observe_updates({0: torch.tensor([1.0, 0.0]), 1: torch.tensor([1.0, 1.0]), 2: torch.tensor([-1.0, 0.0])})
