@@ -300,7 +300,8 @@ def same_run(run_dir: Path, cfg: ExperimentConfig) -> bool:
         return False
     if _training_identity(done) == _training_identity(cfg):
         return True
-    log.warning("%s: finished with a different config; running it again", run_dir.name)
+    log.warning("%s: finished with a different config: not reused (a run starts it again, --score reads it "
+                "as not run)", run_dir.name)
     return False
 
 
