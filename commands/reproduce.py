@@ -4,7 +4,9 @@ Each distinct resolved experiment (the error and the ASR of one rule x attack sh
 per seed in `DIR/runs/<slug>`; a finished run with the same training config is reused
 (`commands.sweep.same_run`), so an interrupted card resumes where it stopped. Writes
 `DIR/reproduction.json` and `DIR/reproduction.md` (paper vs lab, the source of each value, and
-whether it ran as the CPU proxy).
+whether it ran as the CPU proxy, and each cell's `notes`: what the lab measured about it). With
+`score_only` (`--score`) nothing starts: the card is judged as it stands, cells without a finished
+run reading `not-run`.
 """
 
 from __future__ import annotations
