@@ -149,15 +149,13 @@ def collection_dir_problem(out_dir: Path) -> str | None:
             return None
         if not out_dir.is_dir():
             return f"output folder {out_dir}: exists and is not a folder"
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in COLLECTION_ENTRIES)
+        names = sorted(p.name for p in out_dir.iterdir())
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
         return f"output folder {out_dir}: cannot be used ({getattr(exc, 'strerror', None) or exc})"
-    if not foreign and (out_dir / "runs").is_dir():
+    foreign = [n for n in names if n not in COLLECTION_ENTRIES]
+    if not names or (not foreign and (out_dir / "runs").is_dir()):
         return None
-    if not foreign:  # results.md alone may be the user's own
-        foreign = sorted(p.name for p in out_dir.iterdir())
-    if not foreign:
-        return None
+    foreign = foreign or names  # only names the lab writes, but no runs/: results.md alone may be the user's own
     shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
     return (f"output folder {out_dir}: holds files the lab did not write ({shown}); results.md, plots/ "
             f"and the rest would land beside them: choose a new or empty --out (an earlier lab folder: "

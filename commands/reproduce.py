@@ -24,7 +24,7 @@ from commands.card_expect import expect_text, read_metric, read_reading, verdict
 from commands.cards import Card, Cell
 from commands.local_run import run_all
 from commands.sweep import run_identity, same_run
-from lab.artifacts import atomic_write_text
+from lab.artifacts import atomic_write_text, read_jsonl
 from lab.config import ExperimentConfig
 
 Runner = Callable[[ExperimentConfig, Path], dict[str, Any]]
@@ -113,13 +113,7 @@ def reproduce(card: Card, out: Path, runner: Runner,
 def run_progress(run_dir: Path, metric: str) -> dict[str, Any]:
     """How far an unfinished run got: its last round and its last central evaluation's reading
     (None: never started, or nothing evaluated yet). Only shown, never judged."""
-    rows = []
-    if (run_dir / "metrics.jsonl").exists():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # the line a killed run was writing
-                continue
+    rows = read_jsonl(run_dir / "metrics.jsonl")  # a killed run's torn last line is skipped
     evaluated = [r for r in rows if r.get("accuracy") is not None]
     last = evaluated[-1] if evaluated else None
     return {"run": str(run_dir), "round": max((r.get("round", 0) for r in rows), default=None),
