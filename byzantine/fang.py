@@ -20,7 +20,8 @@ def direction(benign: Tensor, own: Tensor) -> Tensor:
     return torch.sign(torch.cat([benign, own]).mean(dim=0))
 
 
-def trim_attack(benign: Tensor, own: Tensor, *, gen: torch.Generator | None = None, b: float = 2.0) -> Tensor:
+def trim_attack(benign: Tensor, own: Tensor, *, gen: torch.Generator | None = None, b: float = 2.0,
+                extremes: str = "benign", sample: str = "uniform") -> Tensor:
     """Fang et al.'s Trim attack (against Trimmed mean and Median), full knowledge: (m, d).
 
     Per coordinate j, with w_max,j / w_min,j the largest / smallest benign value: where s_j = -1
@@ -29,23 +30,39 @@ def trim_attack(benign: Tensor, own: Tensor, *, gen: torch.Generator | None = No
     (otherwise): beyond the benign extreme, against the direction the model would move. Where
     s_j = 0 the attackers send 0. The paper uses b = 2.
 
+    Two readings of the paper differ from its text in public code, and change the attack's strength
+    (issue 14's FedAvg x Trim cell): the FLTrust family's scripts take w_max / w_min over every
+    client's honest gradient, the attackers' own included (`extremes="all"`), and one of Fang et
+    al.'s own scripts sends the far end of the interval instead of a uniform sample
+    (`sample="farthest"`: b * w_max, w_max / b, ...).
+
     Args:
         gen: the random generator for the uniform samples (seeded by the caller).
         b: > 1, how far beyond the benign extreme the values may go.
+        extremes: "benign" (the paper: the benign devices' extremes) or "all" (benign and own rows).
+        sample: "uniform" (the paper) or "farthest" (the interval's end away from the extreme).
     """
     if benign.shape[0] < 1:
         raise ValueError("trim_attack: needs at least one benign update")
     if not b > 1:
         raise ValueError(f"trim_attack: b must be > 1, got {b}")
+    if extremes not in ("benign", "all") or sample not in ("uniform", "farthest"):
+        raise ValueError(f"trim_attack: extremes must be benign|all and sample uniform|farthest, "
+                         f"got {extremes!r}, {sample!r}")
     m, d = own.shape[0], benign.shape[1]
     s = direction(benign, own)  # (d,)
-    hi, lo = benign.max(dim=0).values, benign.min(dim=0).values  # (d,)
-    u = torch.rand((m, d), generator=gen, dtype=benign.dtype)  # (m, d) uniform in [0, 1)
-    # s = -1: the interval [a, a * b] or [a / b, a] above w_max; s = 1: below w_min.
+    known = benign if extremes == "benign" else torch.cat([benign, own])
+    hi, lo = known.max(dim=0).values, known.min(dim=0).values  # (d,)
+    # s = -1: the interval [a, a * b] or [a / b, a] above w_max; s = 1: below w_min. up_hi and
+    # down_lo are the far ends.
     up_lo, up_hi = hi, torch.where(hi > 0, hi * b, hi / b)
     down_lo, down_hi = torch.where(lo > 0, lo / b, lo * b), lo
-    up = up_lo + u * (up_hi - up_lo)
-    down = down_lo + u * (down_hi - down_lo)
+    if sample == "farthest":
+        up, down = up_hi.expand(m, d), down_lo.expand(m, d)
+    else:
+        u = torch.rand((m, d), generator=gen, dtype=benign.dtype)  # (m, d) uniform in [0, 1)
+        up = up_lo + u * (up_hi - up_lo)
+        down = down_lo + u * (down_hi - down_lo)
     return torch.where(s < 0, up, torch.where(s > 0, down, torch.zeros_like(up)))
 
 

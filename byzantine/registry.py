@@ -33,7 +33,8 @@ MATRIX_ATTACKS: dict[str, Callable[[AttackConfig, int | None], MatrixAttack]] = 
     "ipm": lambda a, f: lambda b, o, g: ipm(b, o, epsilon=a.ipm_epsilon),
     "min-max": lambda a, f: lambda b, o, g: min_max(b, o, perturbation_kind=a.minmax_perturbation),
     "min-sum": lambda a, f: lambda b, o, g: min_sum(b, o, perturbation_kind=a.minmax_perturbation),
-    "trim-attack": lambda a, f: lambda b, o, g: trim_attack(b, o, gen=g),
+    "trim-attack": lambda a, f: lambda b, o, g: trim_attack(b, o, gen=g, extremes=a.trim_extremes,
+                                                            sample=a.trim_sample),
     "krum-attack": lambda a, f: lambda b, o, g: krum_attack(b, o, num_byzantine=f),
 }
 

@@ -19,6 +19,8 @@ AttackType = Literal["none", "backdoor", "scaling", "label-flip", "sign-flip", "
 UPDATE_MATRIX_ATTACKS = frozenset({"trim-attack", "krum-attack", "min-max", "min-sum", "alie", "ipm"})
 Knowledge = Literal["auto", "full", "partial"]
 Perturbation = Literal["unit-vec", "sign", "std"]
+TrimExtremes = Literal["benign", "all"]
+TrimSample = Literal["uniform", "farthest"]
 PoisonMode = Literal["mix", "append"]
 TriggerShape = Literal["square", "checkerboard", "cross"]
 Position = Literal["bottom-right", "bottom-left", "top-right", "top-left", "center"]
@@ -128,6 +130,11 @@ class AttackConfig:
     alie_z: float | None = None  # alie: mu - z * sigma; None = Baruch et al.'s z_max from n and f
     ipm_epsilon: float = 0.5  # ipm: -epsilon * mean of the benign updates
     minmax_perturbation: Perturbation = "unit-vec"  # min-max / min-sum: the direction grad_p
+    # trim-attack: whose extremes it goes beyond (the paper: the benign ones; "all" adds the
+    # attackers' own honest updates, as the FLTrust family's scripts do) and where in the interval
+    # (the paper: uniform; "farthest": its far end, as one of Fang et al.'s scripts does).
+    trim_extremes: TrimExtremes = "benign"
+    trim_sample: TrimSample = "uniform"
     # The 2025 backdoors (client/attacks.py): DBA's parts of the global trigger (None = one per
     # attacker), Blended's opacity, Neurotoxin's excluded share of coordinates, A3FL's budget.
     dba_parts: int | None = None

@@ -72,6 +72,45 @@ def test_trim_attack_samples_beyond_the_benign_extreme_against_the_direction() -
     assert torch.equal(trim_attack(benign, own, gen=gen(7)), trim_attack(benign, own, gen=gen(7)))
 
 
+def test_trim_attack_public_code_readings() -> None:
+    benign = torch.tensor([[1.0, -2.0, 0.5, -3.0, 1.0], [3.0, -1.0, -0.5, -1.0, 2.0]])
+    own = torch.tensor([[0.8, -0.9, 0.0, -0.7, 0.9]])  # inside no benign extreme: beyond them
+    # means (1.6, -1.3, 0, -1.57, 1.3): s = (1, -1, 0, -1, 1), as with the benign rows alone
+    far = trim_attack(benign, own.expand(3, -1), sample="farthest")
+    # the far ends of the intervals around the benign extremes: w_min / 2, w_max / 2 (w_max <= 0)
+    assert far.tolist() == [[0.5, -0.5, 0.0, -0.5, 0.5]] * 3
+    # extremes over benign and own rows (the FLTrust family's scripts): 0.8, -0.9, -0.7, 0.9
+    far_all = trim_attack(benign, own.expand(3, -1), sample="farthest", extremes="all")
+    assert torch.allclose(far_all, torch.tensor([[0.4, -0.45, 0.0, -0.35, 0.45]] * 3))
+    uni_all = trim_attack(benign, own.expand(400, -1), gen=gen(), extremes="all")
+    lo, hi = torch.tensor([0.4, -0.9, 0.0, -0.7, 0.45]), torch.tensor([0.8, -0.45, 0.0, -0.35, 0.9])
+    assert bool((uni_all >= lo - 1e-7).all() and (uni_all <= hi + 1e-7).all())
+    # the default draws the same numbers as before the options existed (resumed card runs)
+    assert torch.equal(trim_attack(benign, own, gen=gen(7)),
+                       trim_attack(benign, own, gen=gen(7), extremes="benign", sample="uniform"))
+    with pytest.raises(ValueError, match="extremes must be"):
+        trim_attack(benign, own, extremes="own")
+
+
+def test_trim_attack_readings_from_the_config() -> None:
+    from byzantine.registry import build_matrix_attack
+    from lab.config import load_experiment
+    from lab.errors import ConfigError
+
+    def attack(**kw: object):  # type: ignore[no-untyped-def]
+        cfg = load_experiment({"federated": {"num_clients": 10},
+                               "attack": {"type": "trim-attack", "attackers_ratio": 0.2, **kw}})
+        return build_matrix_attack(cfg.attack)
+
+    benign = torch.tensor([[1.0, -2.0], [3.0, -1.0]])
+    own = torch.tensor([[0.8, -0.9]])
+    assert attack(trim_sample="farthest", trim_extremes="all")(benign, own, gen())[0].tolist() == \
+        pytest.approx([0.4, -0.45])
+    assert attack(trim_sample="farthest")(benign, own, gen()).tolist() == [[0.5, -0.5]]
+    with pytest.raises(ConfigError, match="trim_sample"):
+        attack(trim_sample="far")
+
+
 def test_krum_lambda_bound_of_fang_theorem_1() -> None:
     benign = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]])  # n = 6 with c = 1: 3 nearest benign each
     # sums of the 3 nearest: 6, 4, 4, 4, 6 -> min 4; / (n - 2c - 1 = 3) / sqrt(1) + max norm 4
