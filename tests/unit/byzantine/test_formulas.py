@@ -11,7 +11,9 @@ from byzantine.alie import alie, alie_z
 from byzantine.fang import direction, krum_attack, krum_lambda_bound, krum_selects_malicious, trim_attack
 from byzantine.ipm import ipm
 from byzantine.minmax import min_max, min_sum, perturbation, search_gamma
-from byzantine.registry import MATRIX_ATTACKS
+from byzantine.registry import MATRIX_ATTACKS, build_matrix_attack
+from lab.config import load_experiment
+from lab.errors import ConfigError
 from lab.schema import UPDATE_MATRIX_ATTACKS
 from strategies.robust import krum
 from strategies.types import RoundInfo
@@ -90,10 +92,6 @@ def test_trim_attack_public_code_readings() -> None:
 
 
 def test_trim_attack_readings_from_the_config() -> None:
-    from byzantine.registry import build_matrix_attack
-    from lab.config import load_experiment
-    from lab.errors import ConfigError
-
     def attack(**kw: object):  # type: ignore[no-untyped-def]
         cfg = load_experiment({"federated": {"num_clients": 10},
                                "attack": {"type": "trim-attack", "attackers_ratio": 0.2, **kw}})
