@@ -154,6 +154,7 @@ def _no_runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """`fl-lab reproduce CARD`: a paper's table as real Flower runs (commands/cards.py, reproduce.py)."""
+    from commands.card_record import measured_dir
     from commands.cards import load_card
     from commands.reproduce import planned_runs, reproduce
     from commands.sweep import shared_simulation
@@ -173,11 +174,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             f"({len(card.seeds)} seeds) -> {out.resolve()}")
         return 0
     claim_collection_dir(out)
+    record = measured_dir(Path(args.card), folder)
+    measured = None if args.ignore_records else record
     if args.score:
-        reproduce(card, out, _no_runner, score_only=True)
+        reproduce(card, out, _no_runner, score_only=True, measured=measured)
         say((out / "reproduction.md").read_text())
         say(f"scored ({kind}, nothing run): {out / 'reproduction.json'}, {out / 'reproduction.md'}")
-        return 0
+        return _record(args, runs, record)
     load_dataset(runs[0][1])
 
     def start(i: int, total: int, run_dir: Path, reused: bool) -> None:
@@ -185,9 +188,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     # one SuperLink and one Ray head for all the card's runs (started only if a run uses them)
     with shared_simulation(out), _runner(args, out / "logs") as runner:
-        reproduce(card, out, runner, start, jobs=args.jobs)
+        reproduce(card, out, runner, start, jobs=args.jobs, measured=measured)
     say((out / "reproduction.md").read_text())
     say(f"results ({kind}): {out / 'reproduction.json'}, {out / 'reproduction.md'}")
+    return _record(args, runs, record)
+
+
+def _record(args: argparse.Namespace, runs: list[tuple[Path, ExperimentConfig]], record: Path) -> int:
+    """`--record`: keep the finished runs' evidence beside the card (commands/card_record.py)."""
+    from commands.card_record import record_finished
+
+    if args.record:
+        names = record_finished(runs, record)
+        say(f"recorded {len(names)} finished run(s) in {record}" + "".join(f"\n  {n}" for n in names))
     return 0
 
 
@@ -335,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "cells without a finished run read not-run, with how far their runs got")
     rep.add_argument("--subset", metavar="NAME",
                      help="a labelled part of the card's paper setting (its `subsets:`, e.g. rounds-300)")
+    rep.add_argument("--record", action="store_true",
+                     help="copy every finished run's evidence to the card's record, measured/<folder>/ beside "
+                          "the card (versioned: a card run in parts over machines and days adds up there)")
+    rep.add_argument("--ignore-records", action="store_true",
+                     help="do not read the card's record: run (or reuse from the folder) every cell here")
     rep.add_argument("--verbose", action="store_true", help="a line per round of every run")
     in_process(rep)
     jobs(rep)

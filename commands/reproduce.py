@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from commands.card_expect import expect_text, read_metric, read_reading, verdict
+from commands.card_record import is_recorded, read_record
 from commands.cards import Card, Cell
 from commands.local_run import run_all
 from commands.sweep import run_identity, same_run
@@ -50,17 +51,24 @@ def planned_runs(card: Card, out: Path) -> list[tuple[Path, ExperimentConfig]]:
 
 def reproduce(card: Card, out: Path, runner: Runner,
               on_start: Callable[[int, int, Path, bool], None] | None = None, jobs: int = 1,
-              score_only: bool = False) -> dict[str, Any]:
+              score_only: bool = False, measured: Path | None = None) -> dict[str, Any]:
     """Run (or reuse) every run of the card (`jobs` at a time: see `commands.sweep.run_all`), then
     write and return reproduction.json's content.
 
     `score_only` starts nothing: a card too long for one sitting is run in parts (`--cells`, on
     several machines or days) and scored as it stands; a cell without a finished run reads `not-run`,
-    with how far its run got."""
+    with how far its run got. A run the card's record (`measured`, see `commands.card_record`)
+    holds is read from there, unless `out` has its own finished run."""
     runs = planned_runs(card, out)
     folder = {run_identity(cfg): run_dir for run_dir, cfg in runs}
     finished = {run_identity(cfg): (run_dir / "summary.json").exists() and same_run(run_dir, cfg)
                 for run_dir, cfg in runs}
+    records: dict[str, dict[str, Any]] = {}
+    for run_dir, cfg in runs:
+        key = run_identity(cfg)
+        if measured is not None and not finished[key] and is_recorded(measured / run_dir.name, cfg):
+            folder[key], finished[key] = measured / run_dir.name, True
+            records[key] = read_record(measured / run_dir.name)
 
     def one(i: int, run_dir: Path, cfg: ExperimentConfig, reuse: bool) -> None:
         if on_start is not None:
@@ -89,6 +97,7 @@ def reproduce(card: Card, out: Path, runner: Runner,
                      "values": values},
             "rounds": rounds, "paper_rounds": cell.paper_rounds, "reduced": rounds < cell.paper_rounds,
             "runs": [str(folder[run_identity(cfg)]) for cfg in cell.cfgs],
+            "recorded": [records[run_identity(cfg)] for cfg in cell.cfgs if run_identity(cfg) in records],
             "ran": len(done) == len(cell.cfgs),
             "progress": [run_progress(folder[run_identity(cfg)], cell.metric) for cfg in cell.cfgs
                          if not finished[run_identity(cfg)]],
@@ -173,6 +182,11 @@ def reproduction_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {c['id']} | {c['metric']} | {expect_text(paper.get('expect'))} | "
                      f"{paper.get('source') or '-'} | {expect_text(c['expect'])} | {c['source'] or '-'} | {lab} | "
                      f"{_rounds_text(c)} | {c['verdict']}{' (proxy)' if proxy else ''} |")
+    recorded = {r["run"]: r for c in result["cells"] for r in c.get("recorded", [])}
+    if recorded:
+        lines += ["", "## Runs read from the card's record (`fl-lab reproduce --record`)", ""]
+        lines += [f"- `{r['run']}`: recorded {r['recorded']} on {r['machine']}, lab commit {r['commit'] or '-'}"
+                  + ("" if r.get("seconds") is None else f", {r['seconds'] / 60:.0f} min") for r in recorded.values()]
     noted = [c for c in result["cells"] if c.get("notes")]
     if noted:
         lines += ["", "## What the lab measured about these cells", ""]
