@@ -21,6 +21,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from commands.cards import Card
 from commands.sweep import same_run
 from lab.artifacts import atomic_write_text, read_jsonl, write_json
 from lab.config import ExperimentConfig
@@ -28,9 +29,15 @@ from lab.config import ExperimentConfig
 RECORD = "record.json"
 
 
-def measured_dir(card_path: Path, folder: str) -> Path:
-    """Where the card's recorded runs live: `measured/<folder>` beside the card file."""
-    return card_path.parent / "measured" / folder
+def card_folder(card: Card) -> str:
+    """The folder a card's runs go to under runs/reproduce/ and measured/: `NAME`, `NAME-quick`
+    for the CPU proxy, `NAME-SUBSET` for a labelled subset."""
+    return f"{card.name}-quick" if card.proxy else f"{card.name}-{card.subset}" if card.subset else card.name
+
+
+def measured_dir(card: Card) -> Path:
+    """Where the card's recorded runs live: `measured/<card folder>` beside the card file."""
+    return card.path.parent / "measured" / card_folder(card)
 
 
 def is_recorded(record_dir: Path, cfg: ExperimentConfig) -> bool:

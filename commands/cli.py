@@ -154,14 +154,13 @@ def _no_runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """`fl-lab reproduce CARD`: a paper's table as real Flower runs (commands/cards.py, reproduce.py)."""
-    from commands.card_record import measured_dir
+    from commands.card_record import card_folder, measured_dir
     from commands.cards import load_card
     from commands.reproduce import planned_runs, reproduce
     from commands.sweep import shared_simulation
 
     card = load_card(Path(args.card), quick=args.quick, seeds=args.seeds, only=args.cells, subset=args.subset)
-    folder = f"{card.name}-quick" if card.proxy else f"{card.name}-{card.subset}" if card.subset else card.name
-    default = Path("runs") / "reproduce" / folder
+    default = Path("runs") / "reproduce" / card_folder(card)
     out = Path(args.out) if args.out else default
     runs = planned_runs(card, out)
     problems = [p for p in [collection_dir_problem(out)] if p]
@@ -174,7 +173,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             f"({len(card.seeds)} seeds) -> {out.resolve()}")
         return 0
     claim_collection_dir(out)
-    record = measured_dir(Path(args.card), folder)
+    record = measured_dir(card)
     measured = None if args.ignore_records else record
     if args.score:
         reproduce(card, out, _no_runner, score_only=True, measured=measured)
