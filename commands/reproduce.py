@@ -185,8 +185,10 @@ def reproduction_markdown(result: dict[str, Any]) -> str:
     recorded = {r["run"]: r for c in result["cells"] for r in c.get("recorded", [])}
     if recorded:
         lines += ["", "## Runs read from the card's record (`fl-lab reproduce --record`)", ""]
-        lines += [f"- `{r['run']}`: recorded {r['recorded']} on {r['machine']}, lab commit {r['commit'] or '-'}"
-                  + ("" if r.get("seconds") is None else f", {r['seconds'] / 60:.0f} min") for r in recorded.values()]
+        lines += [f"- `{r['run']}`: recorded {r['recorded']} on {r['machine']} (lab commit "
+                  f"{r['commit_when_recorded'] or '-'})" + ("" if r.get("seconds") is None else
+                                                          f", the run took {r['seconds'] / 60:.0f} min")
+                  for r in recorded.values()]
     noted = [c for c in result["cells"] if c.get("notes")]
     if noted:
         lines += ["", "## What the lab measured about these cells", ""]

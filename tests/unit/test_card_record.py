@@ -38,6 +38,7 @@ def test_a_recorded_run_is_judged_in_a_fresh_folder(tmp_path: Path, capsys: pyte
     run = next(record.iterdir())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 4]  # evaluated rounds only, the torn line gone
+    assert rows[1] == {"round": 4, "accuracy": 0.78, "asr": 0.0, "loss": 1.0}  # the scalars, not the lists
     meta = json.loads((run / "record.json").read_text())
     assert meta["run"] == run.name and meta["recorded"] and "CPUs" in meta["machine"]
 

@@ -50,7 +50,7 @@ def leave_run(run_dir: Path, cfg: Any, rows: list[dict[str, Any]], finished: boo
 def runs_in_parts(tmp_path: Path) -> tuple[Path, Path]:
     path, out = card_path(tmp_path), tmp_path / "out"
     runs = {d.name.split("__")[0]: (d, cfg) for d, cfg in planned_runs(load_card(path), out)}
-    row = {"asr": 0.0, "loss": 1.0}
+    row = {"asr": 0.0, "loss": 1.0, "clients": [0, 1], "weights": {"0": 0.5, "1": 0.5}}
     leave_run(*runs["fedavg"], [{"round": 0, "accuracy": 0.1, **row}, {"round": 4, "accuracy": 0.78, **row}], True)
     leave_run(*runs["median"], [{"round": 0, "accuracy": 0.1, **row}, {"round": 1, "accuracy": None},
                                 {"round": 2, "accuracy": 0.7, **row}, {"round": 3, "accuracy": None}], False)
