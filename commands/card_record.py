@@ -4,10 +4,11 @@ A card at paper scale takes tens of hours on 2 cores, so it is run in parts, ove
 machines, and run folders (`runs/`, not versioned) do not travel with the repository.
 `fl-lab reproduce CARD --record` copies what each finished run of the card proves (its config.yaml,
 its summary.json and the evaluated rounds of its metrics.jsonl) to
-`<card's folder>/measured/<card folder name>/<run slug>/`, with a record.json saying when and on what
-machine it was recorded, the run's seconds and torch, and the lab's commit at recording. `reproduce` reads a recorded run like a finished run
-of its own, and only when it trained exactly what the cell asks (`commands.sweep.same_run`): a card
-edited since runs that cell again instead of mixing in a stale number.
+`<card's folder>/measured/<card folder name>/<run slug>/`, with a record.json saying when and on
+what machine it was recorded, the run's seconds and torch, and the lab's commit at recording.
+`reproduce` reads a recorded run like a finished run of its own, and only when it trained exactly
+what the cell asks (`commands.sweep.same_run`): a card edited since runs that cell again instead of
+mixing in a stale number.
 """
 
 from __future__ import annotations
@@ -40,10 +41,14 @@ def measured_dir(card: Card) -> Path:
     return card.path.parent / "measured" / card_folder(card)
 
 
+def finished_run(run_dir: Path, cfg: ExperimentConfig) -> bool:
+    """Did a run finish in `run_dir`, training exactly `cfg`?"""
+    return (run_dir / "summary.json").exists() and same_run(run_dir, cfg)
+
+
 def is_recorded(record_dir: Path, cfg: ExperimentConfig) -> bool:
     """Does `record_dir` hold a recorded run that trained exactly `cfg`?"""
-    return ((record_dir / RECORD).exists() and (record_dir / "summary.json").exists()
-            and same_run(record_dir, cfg))
+    return (record_dir / RECORD).exists() and finished_run(record_dir, cfg)
 
 
 def read_record(record_dir: Path) -> dict[str, Any]:
@@ -84,7 +89,7 @@ def _lab_commit() -> str | None:
 def record_finished(runs: list[tuple[Path, ExperimentConfig]], measured: Path) -> list[str]:
     """Record every run of `runs` that finished in its own folder (a rerun replaces its record);
     returns their folder names."""
-    done = [run_dir for run_dir, cfg in runs if (run_dir / "summary.json").exists() and same_run(run_dir, cfg)]
+    done = [run_dir for run_dir, cfg in runs if finished_run(run_dir, cfg)]
     for run_dir in done:
         record_run(run_dir, measured / run_dir.name)
     return [run_dir.name for run_dir in done]

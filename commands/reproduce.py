@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from commands.card_expect import expect_text, read_metric, read_reading, verdict
-from commands.card_record import is_recorded, read_record
+from commands.card_record import finished_run, is_recorded, read_record
 from commands.cards import Card, Cell
 from commands.local_run import run_all
-from commands.sweep import run_identity, same_run
+from commands.sweep import run_identity
 from lab.artifacts import atomic_write_text, read_jsonl
 from lab.config import ExperimentConfig
 
@@ -61,8 +61,7 @@ def reproduce(card: Card, out: Path, runner: Runner,
     holds is read from there, unless `out` has its own finished run."""
     runs = planned_runs(card, out)
     folder = {run_identity(cfg): run_dir for run_dir, cfg in runs}
-    finished = {run_identity(cfg): (run_dir / "summary.json").exists() and same_run(run_dir, cfg)
-                for run_dir, cfg in runs}
+    finished = {run_identity(cfg): finished_run(run_dir, cfg) for run_dir, cfg in runs}
     records: dict[str, dict[str, Any]] = {}
     for run_dir, cfg in runs:
         key = run_identity(cfg)
