@@ -60,11 +60,12 @@ def reproduce(card: Card, out: Path, runner: Runner,
     with how far its run got. A run the card's record (`measured`, see `commands.card_record`)
     holds is read from there, unless `out` has its own finished run."""
     runs = planned_runs(card, out)
-    folder = {run_identity(cfg): run_dir for run_dir, cfg in runs}
-    finished = {run_identity(cfg): finished_run(run_dir, cfg) for run_dir, cfg in runs}
+    folder: dict[str, Path] = {}
+    finished: dict[str, bool] = {}
     records: dict[str, dict[str, Any]] = {}
     for run_dir, cfg in runs:
         key = run_identity(cfg)
+        folder[key], finished[key] = run_dir, finished_run(run_dir, cfg)
         if measured is not None and not finished[key] and is_recorded(measured / run_dir.name, cfg):
             folder[key], finished[key] = measured / run_dir.name, True
             records[key] = read_record(measured / run_dir.name)
