@@ -7,7 +7,7 @@ its summary.json and the evaluated rounds of its metrics.jsonl) to
 `<card's folder>/measured/<card folder name>/<run slug>/`, with a record.json saying when and on
 what machine it was recorded, the run's seconds and torch, and the lab's commit at recording.
 `reproduce` reads a recorded run like a finished run of its own, and only when it trained exactly
-what the cell asks (`commands.sweep.same_run`): a card edited since runs that cell again instead of
+what the cell asks (`commands.run_reuse.same_run`): a card edited since runs that cell again instead of
 mixing in a stale number.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from commands.cards import Card
-from commands.sweep import same_run
+from commands.run_reuse import finished_run
 from lab.artifacts import atomic_write_text, read_jsonl, write_json
 from lab.config import ExperimentConfig
 
@@ -39,11 +39,6 @@ def card_folder(card: Card) -> str:
 def measured_dir(card: Card) -> Path:
     """Where the card's recorded runs live: `measured/<card folder>` beside the card file."""
     return card.path.parent / "measured" / card_folder(card)
-
-
-def finished_run(run_dir: Path, cfg: ExperimentConfig) -> bool:
-    """Did a run finish in `run_dir`, training exactly `cfg`?"""
-    return (run_dir / "summary.json").exists() and same_run(run_dir, cfg)
 
 
 def is_recorded(record_dir: Path, cfg: ExperimentConfig) -> bool:

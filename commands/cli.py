@@ -140,10 +140,10 @@ def _runner(args: argparse.Namespace, logs: Path) -> Iterator[Callable[[Experime
 def _run_dir_refusal(run_dir: Path, cfg: ExperimentConfig) -> str | None:
     """Why a sweep or card may not use `run_dir`, or None; a finished run of the same experiment
     there is reused as it is, whoever made the folder."""
-    from commands.sweep import same_run
+    from commands.run_reuse import finished_run
 
     problem = run_dir_problem(run_dir)
-    if problem and not ((run_dir / "summary.json").exists() and same_run(run_dir, cfg)):
+    if problem and not finished_run(run_dir, cfg):
         return problem
     return None
 
@@ -182,8 +182,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return _record(args, runs, record)
     load_dataset(runs[0][1])
 
-    def start(i: int, total: int, run_dir: Path, reused: bool) -> None:
-        say(f"[{i + 1}/{total}] {run_dir.name}{' (finished: reused)' if reused else ''}")
+    def start(i: int, total: int, run_dir: Path, state: str) -> None:
+        say(f"[{i + 1}/{total}] {run_dir.name}{f' ({state})' if state else ''}")
 
     # one SuperLink and one Ray head for all the card's runs (started only if a run uses them)
     with shared_simulation(out), _runner(args, out / "logs") as runner:

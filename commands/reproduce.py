@@ -2,7 +2,8 @@
 
 Each distinct resolved experiment (the error and the ASR of one rule x attack share one) runs once
 per seed in `DIR/runs/<slug>`; a finished run with the same training config is reused
-(`commands.sweep.same_run`), so an interrupted card resumes where it stopped. Writes
+(`commands.run_reuse`), and an interrupted run continues after its last checkpoint, so an
+interrupted card resumes where it stopped. Writes
 `DIR/reproduction.json` and `DIR/reproduction.md` (paper vs lab, the source of each value, and
 whether it ran as the CPU proxy, and each cell's `notes`: what the lab measured about it). With
 `score_only` (`--score`) nothing starts: the card is judged as it stands, cells without a finished
@@ -21,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from commands.card_expect import expect_text, read_metric, read_reading, verdict
-from commands.card_record import finished_run, is_recorded, read_record
+from commands.card_record import is_recorded, read_record
 from commands.cards import Card, Cell
 from commands.local_run import run_all
-from commands.sweep import run_identity
+from commands.run_reuse import continuing, finished_run, run_identity
 from lab.artifacts import atomic_write_text, read_jsonl
 from lab.config import ExperimentConfig
 
@@ -50,7 +51,7 @@ def planned_runs(card: Card, out: Path) -> list[tuple[Path, ExperimentConfig]]:
 
 
 def reproduce(card: Card, out: Path, runner: Runner,
-              on_start: Callable[[int, int, Path, bool], None] | None = None, jobs: int = 1,
+              on_start: Callable[[int, int, Path, str], None] | None = None, jobs: int = 1,
               score_only: bool = False, measured: Path | None = None) -> dict[str, Any]:
     """Run (or reuse) every run of the card (`jobs` at a time: see `commands.sweep.run_all`), then
     write and return reproduction.json's content.
@@ -71,10 +72,12 @@ def reproduce(card: Card, out: Path, runner: Runner,
             records[key] = read_record(measured / run_dir.name)
 
     def one(i: int, run_dir: Path, cfg: ExperimentConfig, reuse: bool) -> None:
+        run_cfg = cfg if reuse else continuing(run_dir, cfg)
         if on_start is not None:
-            on_start(i, len(runs), run_dir, reuse)
+            on_start(i, len(runs), run_dir, "finished: reused" if reuse else
+                     "interrupted: continues after its last checkpoint" if run_cfg.execution.resume else "")
         if not reuse:
-            runner(cfg, run_dir)
+            runner(run_cfg, run_dir)
 
     if not score_only:
         run_all([functools.partial(one, i, run_dir, cfg, finished[run_identity(cfg)])

@@ -16,7 +16,8 @@ section, and its optional `label` names it in the tables:
 Writes `results.csv`, `results.md` (one row per setting: clean accuracy, ASR, ASR floor, detection
 F1 and AUC (`lab.detection`), seconds per round, averaged over seeds with their spread) and
 `plots/*.png`. Finished runs are kept: re-running the sweep skips every run folder that already
-has its summary.json and was run with the same training config (`same_run`). The simulations share
+has its summary.json and was run with the same training config, and an interrupted run continues
+after its last checkpoint (`commands.run_reuse`). The simulations share
 one SuperLink and one Ray head (`shared_simulation`, FLWR_HOME and logs in the sweep folder)
 instead of starting both per run.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import functools
 import io
 import itertools
@@ -51,14 +51,10 @@ from commands.launch import (
     stop_process,
 )
 from commands.local_run import run_all
+from commands.run_reuse import continuing, finished_run, run_identity
 from lab.artifacts import atomic_write_text, read_jsonl
 from lab.config import (
-    AttackConfig,
-    CaptureConfig,
     ExperimentConfig,
-    InversionConfig,
-    UnlearningConfig,
-    dump_yaml,
     load_experiment,
     read_yaml,
     to_dict,
@@ -161,14 +157,14 @@ def run_sweep(
     run_dirs = [done.setdefault(run_identity(s.cfg), out / "runs" / s.slug) for s in settings]
     todo: dict[Path, tuple[int, Setting]] = {}
     for i, (setting, run_dir) in enumerate(zip(settings, run_dirs, strict=True)):
-        if run_dir not in todo and not ((run_dir / "summary.json").exists() and same_run(run_dir, setting.cfg)):
+        if run_dir not in todo and not finished_run(run_dir, setting.cfg):
             todo[run_dir] = (i, setting)
 
     def one(run_dir: Path) -> None:
         i, setting = todo[run_dir]
         if on_start is not None:
             on_start(i, len(settings), setting)
-        runner(setting.cfg, run_dir)
+        runner(continuing(run_dir, setting.cfg), run_dir)
 
     # One SuperLink and one Ray head serve every simulation of the sweep (bench/warm_start.py).
     try:
@@ -283,40 +279,6 @@ def shared_simulation(root: Path) -> Iterator[SharedSimulation]:
             yield shared
     finally:
         shared.close()
-
-
-def same_run(run_dir: Path, cfg: ExperimentConfig) -> bool:
-    """Did the finished run in `run_dir` train exactly what `cfg` asks for?
-
-    A base experiment edited since (say, a capture probe added to default.yaml) makes an old
-    result stale: it is run again rather than silently mixed into the table. The offline tools'
-    sections (inversion, unlearning) do not change the Flower run, and neither do the rest of
-    `capture` while capture is off and the experiment's name (a subset sweep reuses the runs of the
-    sweep it is part of).
-    """
-    try:
-        done = load_experiment(run_dir / "config.yaml")
-    except (ConfigError, OSError):
-        return False
-    if _training_identity(done) == _training_identity(cfg):
-        return True
-    log.warning("%s: finished with a different config: not reused (a run starts it again, --score reads it "
-                "as not run)", run_dir.name)
-    return False
-
-
-def _training_identity(cfg: ExperimentConfig) -> str:
-    cfg = dataclasses.replace(cfg, name="", inversion=InversionConfig(), unlearning=UnlearningConfig())
-    if not cfg.capture.enabled:
-        cfg = dataclasses.replace(cfg, capture=CaptureConfig())
-    return run_identity(cfg)
-
-
-def run_identity(cfg: ExperimentConfig) -> str:
-    """What makes two runs the same: without attackers, the attack's knobs (but the trigger) do nothing."""
-    if cfg.attack.type == "none":
-        cfg = dataclasses.replace(cfg, attack=AttackConfig(trigger=cfg.attack.trigger))
-    return dump_yaml(cfg)
 
 
 def result_row(setting: Setting, summary: Mapping[str, Any], metrics: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:

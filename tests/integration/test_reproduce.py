@@ -13,7 +13,7 @@ import pytest
 from commands.cards import load_card
 from commands.cli import main
 from commands.report import write_report
-from commands.reproduce import reproduce
+from commands.reproduce import planned_runs, reproduce
 from lab.config import ExperimentConfig, dump_yaml
 from tests.integration.harness import run_in_process
 
@@ -94,3 +94,44 @@ def test_readings_at_a_round_and_relative_cells_on_real_runs(tmp_path: Path) -> 
     assert cells["same"]["against"]["mean"] == cells["fedavg:backdoor"]["ours"]["mean"]
     assert cells["same"]["verdict"] == "reproduced"  # ASRs lie in [0, 1]: always within 1.0
     assert "round 1 of 3" in (tmp_path / "out" / "reproduction.md").read_text()
+
+
+class Killed(Exception):
+    """Stands for the ServerApp killed in the middle of a run (a session's end, a reboot)."""
+
+
+def test_an_interrupted_card_run_continues_after_its_checkpoint_and_ends_as_an_unbroken_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import strategies.flower as sf
+
+    card = load_card(CARD, quick=True, only=["fedavg:backdoor@attackers=3"])
+    started: list[int] = []
+
+    def runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+        run_in_process({"experiment-text": dump_yaml(cfg), "output-dir": str(run_dir)}, cfg.federated.num_clients)
+        return {}
+
+    unbroken = reproduce(card, tmp_path / "unbroken", runner)
+    original = sf.RobustFedAvg.configure_train
+
+    def configure(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        started.append(server_round)
+        if server_round == 6 and len(started) == 6:
+            raise Killed  # rounds 1-5 and their checkpoints are written
+        return original(self, server_round, arrays, config, grid)
+
+    monkeypatch.setattr(sf.RobustFedAvg, "configure_train", configure)
+    out = tmp_path / "out"
+    with pytest.raises(Killed):
+        reproduce(card, out, runner)
+    (run_dir, _), = planned_runs(card, out)
+    assert not (run_dir / "summary.json").exists() and (run_dir / "checkpoints" / "round_0005.safetensors").exists()
+    said: list[str] = []
+    resumed = reproduce(card, out, runner, on_start=lambda i, n, d, state: said.append(state))
+    assert said == ["interrupted: continues after its last checkpoint"]
+    # Flower counts the continued run's rounds from 1 again: 3 rounds ran, not 8
+    assert len(started) == 6 + 3
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(9))  # rounds 0-5 kept, 6-8 added, none twice
+    assert resumed["cells"][0]["ours"] == unbroken["cells"][0]["ours"]
+    assert resumed["cells"][0]["verdict"] == unbroken["cells"][0]["verdict"]

@@ -70,8 +70,11 @@ def test_a_stopped_sweep_keeps_the_table_of_what_finished(tmp_path: Path) -> Non
     calls: list[Path] = []
 
     def runner(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C during the third run
+        if len(calls) == 2:  # Ctrl-C during the third run, after its first checkpoint
+            (run_dir / "checkpoints").mkdir(parents=True)
+            (run_dir / "checkpoints" / "round_0001.safetensors").write_bytes(b"")
+            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            raise KeyboardInterrupt
         calls.append(run_dir)
         run_in_process({"experiment-text": dump_yaml(cfg), "output-dir": str(run_dir)}, cfg.federated.num_clients)
         return {}
@@ -81,6 +84,16 @@ def test_a_stopped_sweep_keeps_the_table_of_what_finished(tmp_path: Path) -> Non
     table = list(csv.DictReader((tmp_path / "out/results.csv").open()))
     assert sorted(Path(r["run"]) for r in table) == sorted(calls)  # the two finished runs (one per row)
     assert "4 run(s) of the sweep not finished" in (tmp_path / "out/results.md").read_text()
+
+    resumed: dict[Path, bool] = {}
+
+    def again(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+        resumed[run_dir] = cfg.execution.resume
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # run again: the interrupted run continues, not restarts
+        run_sweep(sweep, tmp_path / "out", again)
+    assert list(resumed.values()) == [True] and next(iter(resumed)) not in calls
 
 
 def test_bad_sweeps_report_every_problem(tmp_path: Path) -> None:

@@ -64,14 +64,14 @@ def test_every_rule_of_the_matrix_builds() -> None:
 def test_the_seed_and_fashion_mnist_subsets_are_parts_of_the_matrix() -> None:
     """arsenal-seeds reruns settings of the matrix (seed 0's runs are the matrix's own: same slug, same
     training config), and arsenal-fmnist uses only the matrix's rules and attacks."""
-    from commands.sweep import _training_identity
+    from commands.run_reuse import training_identity
 
     _, matrix = load_sweep(ARSENAL)
-    by_slug = {s.slug: _training_identity(s.cfg) for s in matrix}
+    by_slug = {s.slug: training_identity(s.cfg) for s in matrix}
     _, seeds = load_sweep(ARSENAL.with_name("arsenal-seeds.yaml"))
     assert {s.seed for s in seeds} == {0, 1, 2}
     seed0 = [s for s in seeds if s.seed == 0]
-    assert seed0 and all(by_slug.get(s.slug) == _training_identity(s.cfg) for s in seed0)
+    assert seed0 and all(by_slug.get(s.slug) == training_identity(s.cfg) for s in seed0)
     _, fmnist = load_sweep(ARSENAL.with_name("arsenal-fmnist.yaml"))
     rules, attacks = grid()
     assert {s.cfg.dataset.name for s in fmnist} == {"fashion-mnist"}
