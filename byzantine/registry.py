@@ -31,8 +31,10 @@ def rule_byzantine(cfg: ExperimentConfig) -> int | None:
 MATRIX_ATTACKS: dict[str, Callable[[AttackConfig, int | None], MatrixAttack]] = {
     "alie": lambda a, f: lambda b, o, g: alie(b, o, z=a.alie_z),
     "ipm": lambda a, f: lambda b, o, g: ipm(b, o, epsilon=a.ipm_epsilon),
-    "min-max": lambda a, f: lambda b, o, g: min_max(b, o, perturbation_kind=a.minmax_perturbation),
-    "min-sum": lambda a, f: lambda b, o, g: min_sum(b, o, perturbation_kind=a.minmax_perturbation),
+    "min-max": lambda a, f: lambda b, o, g: min_max(b, o, perturbation_kind=a.minmax_perturbation,
+                                                    gamma_init=a.minmax_gamma_init),
+    "min-sum": lambda a, f: lambda b, o, g: min_sum(b, o, perturbation_kind=a.minmax_perturbation,
+                                                    gamma_init=a.minmax_gamma_init),
     "trim-attack": lambda a, f: lambda b, o, g: trim_attack(b, o, gen=g, extremes=a.trim_extremes,
                                                             sample=a.trim_sample),
     "krum-attack": lambda a, f: lambda b, o, g: krum_attack(b, o, num_byzantine=f),

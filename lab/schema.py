@@ -130,6 +130,10 @@ class AttackConfig:
     alie_z: float | None = None  # alie: mu - z * sigma; None = Baruch et al.'s z_max from n and f
     ipm_epsilon: float = 0.5  # ipm: -epsilon * mean of the benign updates
     minmax_perturbation: Perturbation = "unit-vec"  # min-max / min-sum: the direction grad_p
+    # min-max / min-sum: the search's first gamma (Shejwalkar & Houmansadr's code: 10). The search
+    # never goes past twice it, and gamma is in the units of the updates: model changes here, the
+    # raw gradients in the papers' code (a card converts, as it does the learning rate).
+    minmax_gamma_init: float = 10.0
     # trim-attack: whose extremes it goes beyond (the paper: the benign ones; "all" adds the
     # attackers' own honest updates, as the FLTrust family's scripts do) and where in the interval
     # (the paper: uniform; "farthest": its far end, as one of Fang et al.'s scripts does).

@@ -194,6 +194,8 @@ def _byzantine_problems(cfg: ExperimentConfig) -> list[str]:
         p.append("attack.alie_z: must be finite (or null: the paper's z_max)")
     if not (math.isfinite(a.ipm_epsilon) and a.ipm_epsilon > 0):
         p.append("attack.ipm_epsilon: must be > 0")
+    if not (math.isfinite(a.minmax_gamma_init) and a.minmax_gamma_init > 0):
+        p.append("attack.minmax_gamma_init: must be > 0")
     n = f.round_size
     for r in a.ratios if a.resolved_knowledge == "full" else ():
         c = min(int(round(r * f.num_clients)), n)  # attackers in a round, at worst

@@ -206,6 +206,22 @@ def test_search_gamma_is_the_papers_bisection() -> None:
     assert seen[:3] == [10.0, 5.0, 2.5]  # start at gamma_init, step gamma_init / 2, halved
 
 
+@pytest.mark.parametrize("name", ["min-max", "min-sum"])
+def test_the_configured_gamma_init_caps_gamma(name: str) -> None:
+    """A search that starts at gamma_init never passes 2 gamma_init: in update units, so a paper
+    whose updates are raw gradients caps a model-change attack at another scale (the card converts)."""
+    def attack(**kw: object):  # type: ignore[no-untyped-def]
+        cfg = load_experiment({"federated": {"num_clients": 10},
+                               "attack": {"type": name, "attackers_ratio": 0.2, **kw}})
+        return build_matrix_attack(cfg.attack)
+
+    b = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 2.0], [-1.0, 2.0]])  # mean (0, 1), p = (0, -1)
+    uncapped = attack()(b, torch.zeros(1, 2), gen())[0]
+    capped = attack(minmax_gamma_init=0.25)(b, torch.zeros(1, 2), gen())[0]
+    assert float(1.0 - uncapped[1]) > 0.6  # the cloud allows gamma well past 0.5
+    assert float(capped[0]) == 0.0 and 0.499 < float(1.0 - capped[1]) < 0.5  # mean + gamma p, gamma -> 2 x 0.25
+
+
 def test_perturbations() -> None:
     b = torch.tensor([[3.0, -4.0], [3.0, -4.0]])
     assert torch.allclose(perturbation(b, "unit-vec"), torch.tensor([-0.6, 0.8]))

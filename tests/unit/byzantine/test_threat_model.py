@@ -43,6 +43,8 @@ def test_impossible_threat_models_are_refused_before_the_run() -> None:
     assert "attack.boost: alie crafts the whole update" in problems(type="alie", boost=5.0)
     assert "attack.boost: scaling already multiplies" in problems(type="scaling", boost=5.0)
     assert "attack.ipm_epsilon: must be > 0" in problems(type="ipm", ipm_epsilon=0.0)
+    assert "attack.minmax_gamma_init: must be > 0" in problems(type="min-max", minmax_gamma_init=0.0)
+    assert "attack.minmax_gamma_init: must be > 0" in problems(type="min-sum", minmax_gamma_init=-1.0)
     # 6 of 10 attackers: no finite z_max; Krum needs n > 2c + 2
     assert "alie's z_max needs the attackers to be at most half" in problems(type="alie", attackers_ratio=0.6)
     assert cfg(type="alie", attackers_ratio=0.6, alie_z=1.0).attack.alie_z == 1.0
