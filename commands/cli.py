@@ -109,11 +109,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     def start(i: int, total: int, setting: Setting) -> None:
         say(f"[{i + 1}/{total}] {setting.slug}")
 
-    with _runner(args, out / "logs") as runner:
+    with _continues_by_itself(), _runner(args, out / "logs") as runner:
         run_sweep(path, out, runner, start, jobs=args.jobs)
     say((out / "results.md").read_text())
     say(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'plots'}")
     return 0
+
+
+@contextlib.contextmanager
+def _continues_by_itself() -> Iterator[None]:
+    """Ctrl-C in a sweep or a card: its unfinished runs continue after their last checkpoint when
+    the same command runs again (commands.run_reuse), so say that, not a single run's resume flag."""
+    from commands.interrupt import RunInterrupted
+
+    again = "the same command"
+    try:
+        yield
+    except RunInterrupted as exc:
+        raise exc.continued_by(again) from None
+    except KeyboardInterrupt:  # with --jobs the runs stop in their threads; this one was waiting
+        raise RunInterrupted(f"interrupted: {again} continues each unfinished run after its last checkpoint") from None
 
 
 @contextlib.contextmanager
@@ -186,7 +201,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         say(f"[{i + 1}/{total}] {run_dir.name}{f' ({state})' if state else ''}")
 
     # one SuperLink and one Ray head for all the card's runs (started only if a run uses them)
-    with shared_simulation(out), _runner(args, out / "logs") as runner:
+    with _continues_by_itself(), shared_simulation(out), _runner(args, out / "logs") as runner:
         reproduce(card, out, runner, start, jobs=args.jobs, measured=measured)
     say((out / "reproduction.md").read_text())
     say(f"results ({kind}): {out / 'reproduction.json'}, {out / 'reproduction.md'}")

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from commands import procs
-from commands.interrupt import RunInterrupted, interrupted_where
+from commands.interrupt import interrupted_where
 from commands.launch import (
     BIN,
     finished_summary,
@@ -358,7 +358,7 @@ def run_experiment(
         outcome = flwr_run(CONNECTION, dep.flwr_home, run_config, out_dir, None, on_progress,
                            out_dir / "metrics.jsonl")
     except KeyboardInterrupt:
-        raise RunInterrupted(interrupted_where(out_dir, cfg.training.rounds)) from None
+        raise interrupted_where(out_dir, cfg.training.rounds) from None
     summary = finished_summary(outcome, out_dir)
     summary["failures"] = sum(len(r.get("failures") or []) for r in read_jsonl(out_dir / "metrics.jsonl"))
     return summary

@@ -19,8 +19,21 @@ from lab.runfolder import STOP_FILE
 STOP_GRACE = 60.0  # seconds: a deployment round of the default experiment takes about one minute
 
 
+RESUME_FLAG = "`--set execution.resume=true`"
+
+
 class RunInterrupted(KeyboardInterrupt):
-    """A run stopped by Ctrl-C (or SIGTERM); the message says after which round, and what is kept."""
+    """A run stopped by Ctrl-C (or SIGTERM); the message says after which round, what is kept, and
+    (`resume_after`: its last checkpoint) how it continues."""
+
+    def __init__(self, where: str, resume_after: int | None = None, how: str = RESUME_FLAG) -> None:
+        self.where, self.resume_after = where, resume_after
+        super().__init__(where if resume_after is None else f"{where}; {how} continues after round {resume_after}")
+
+    def continued_by(self, how: str) -> RunInterrupted:
+        """The same stop, continued another way (a card or a sweep continues its unfinished runs
+        by itself: the same command, no flag)."""
+        return RunInterrupted(self.where, self.resume_after, how)
 
 
 def request_stop(run_dir: Path) -> None:
@@ -32,13 +45,13 @@ def clear_stop(run_dir: Path) -> None:
     (run_dir / STOP_FILE).unlink(missing_ok=True)
 
 
-def interrupted_where(run_dir: Path, total: int) -> str:
+def interrupted_where(run_dir: Path, total: int) -> RunInterrupted:
     """'interrupted after round 4 of 10: DIR keeps rounds 1-4 (checkpoints, metrics); ...'."""
     if (run_dir / "summary.json").exists():
-        return f"interrupted after the run had finished: {run_dir} holds all {total} rounds and summary.json"
+        return RunInterrupted(f"interrupted after the run had finished: {run_dir} holds all {total} rounds and summary.json")
     rounds = sorted({int(r["round"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "round" in r} - {0})
     if not rounds:
-        return f"interrupted before round 1 of {total} finished: {run_dir} keeps no round"
+        return RunInterrupted(f"interrupted before round 1 of {total} finished: {run_dir} keeps no round")
     last = rounds[-1]
     saved = sorted(int(m.group(1)) for f in (run_dir / "checkpoints").glob("round_*.safetensors")
                    if (m := re.fullmatch(r"round_(\d+)\.safetensors", f.name)))
@@ -46,5 +59,5 @@ def interrupted_where(run_dir: Path, total: int) -> str:
         kept = "checkpoints, metrics"
     else:
         kept = f"metrics, checkpoints up to round {saved[-1]}" if saved else "metrics, no checkpoint"
-    resume = f"; `--set execution.resume=true` continues after round {saved[-1]}" if saved else ""
-    return f"interrupted after round {last} of {total}: {run_dir} keeps rounds {rounds[0]}-{last} ({kept}){resume}"
+    return RunInterrupted(f"interrupted after round {last} of {total}: {run_dir} keeps rounds {rounds[0]}-{last} ({kept})",
+                          saved[-1] if saved else None)

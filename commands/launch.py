@@ -34,7 +34,6 @@ from typing import Any
 
 from commands.interrupt import (
     STOP_GRACE,
-    RunInterrupted,
     clear_stop,
     interrupted_where,
     request_stop,
@@ -327,7 +326,7 @@ def run_experiment(
                 out_dir, federation, on_progress, out_dir / "metrics.jsonl",
             )
     except KeyboardInterrupt:
-        raise RunInterrupted(interrupted_where(out_dir, cfg.training.rounds)) from None
+        raise interrupted_where(out_dir, cfg.training.rounds) from None
     return finished_summary(outcome, out_dir)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from commands.interrupt import RunInterrupted, interrupted_where
+from commands.interrupt import interrupted_where
 from commands.launch import follow_metrics, prepare_run_dir
 from commands.procs import terminate
 from lab import log as lablog
@@ -92,7 +92,7 @@ class LocalWorkers:
             proc.stdin.flush()
             reply = proc.stdout.readline()
         except KeyboardInterrupt:
-            raise RunInterrupted(interrupted_where(out_dir, cfg.training.rounds)) from None
+            raise interrupted_where(out_dir, cfg.training.rounds) from None
         except BrokenPipeError:
             reply = ""
         finally:
